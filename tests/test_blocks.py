@@ -212,3 +212,15 @@ def test_dense_index_exact_inner_product_search():
         assert list(run[f"q{i}"]) == [f"d{j}" for j in expected.indices[i].tolist()]
         assert list(run[f"q{i}"].values()) == pytest.approx(expected.values[i].tolist(), abs=1e-5)
     assert len(index.search(queries, k=500)[1][0]) == 50
+
+
+def test_listwise_prompt_keeps_the_query_within_the_token_limit():
+    tok = build_tiny_tokenizer()
+    prompt = ListwisePrompt(num_docs=20, max_doc_tokens=48)
+    docs = ["word " * 100] * 20
+    text = prompt.build("the final query", docs, tok, max_tokens=200)
+    assert len(tok(text)["input_ids"]) <= 200
+    assert text.endswith("Search Query: the final query") and text.count("\n[") == 20
+    roomy = prompt.build("q", docs[:2], tok, max_tokens=10_000)
+    assert all(len(tok(line.split(" ", 1)[1], add_special_tokens=False)["input_ids"]) == 48
+               for line in roomy.split("\n")[2:-1])

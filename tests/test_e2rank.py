@@ -93,7 +93,8 @@ def test_rerank_scores_every_candidate_and_encodes_only_the_prompts():
 
 
 def test_training_reduces_both_losses(datamodule):
-    module = tiny_module(optimizer={"name": "AdamW", "lr": 1e-3}, temperature=0.05)
+    module = tiny_module(optimizer={"name": "AdamW", "lr": 1e-3}, temperature=0.05, max_doc_length=32,
+                         max_prompt_length=96, listwise={"max_doc_tokens": 16})
     batches = [collate_train(datamodule.train_rows[i:i + 4]) for i in range(0, 8, 4)]
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     history = []

@@ -17,21 +17,39 @@ class ListwisePrompt:
     max_doc_tokens: int = 48
     chat_template: bool = False
 
-    def truncate(self, text: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
-        """First max_doc_tokens tokens of a document, cut in the original string (words without a tokenizer)."""
+    def truncate(self, text: str, tokenizer: PreTrainedTokenizerBase | None, limit: int | None = None) -> str:
+        """First ``limit`` (default max_doc_tokens) tokens of a document, cut in the original
+        string (words without a tokenizer)."""
+        limit = self.max_doc_tokens if limit is None else limit
+        if limit <= 0:
+            return ""
         if tokenizer is None or not getattr(tokenizer, "is_fast", False):
-            return " ".join(text.split()[: self.max_doc_tokens])
+            return " ".join(text.split()[:limit])
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                        truncation=True, max_length=self.max_doc_tokens)
+                        truncation=True, max_length=limit)
         offsets = enc["offset_mapping"]
         return text[: offsets[-1][1]].strip() if offsets else ""
 
-    def build(self, query: str, docs: Sequence[str], tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-        shown = docs[: self.num_docs]
+    def _render(self, query: str, docs: Sequence[str]) -> str:
         lines = [f"{self.instruction}:", self.doc_header]
-        lines += [f"[{i}] {self.truncate(doc, tokenizer)}" for i, doc in enumerate(shown, start=1)]
+        lines += [f"[{i}] {doc}" for i, doc in enumerate(docs, start=1)]
         lines.append(f"{self.query_prefix}{query}")
-        text = "\n".join(lines)
+        return "\n".join(lines)
+
+    def doc_budget(self, query: str, n_docs: int, tokenizer: PreTrainedTokenizerBase | None,
+                   max_tokens: int | None) -> int:
+        """Tokens per document so the whole prompt fits ``max_tokens`` with the query, which
+        comes last, intact: right truncation would otherwise cut the query off first."""
+        if max_tokens is None or tokenizer is None or n_docs == 0:
+            return self.max_doc_tokens
+        skeleton = len(tokenizer(self._render(query, [""] * n_docs))["input_ids"])
+        return max(0, min(self.max_doc_tokens, (max_tokens - skeleton) // n_docs))
+
+    def build(self, query: str, docs: Sequence[str], tokenizer: PreTrainedTokenizerBase | None = None,
+              max_tokens: int | None = None) -> str:
+        shown = list(docs[: self.num_docs])
+        limit = self.doc_budget(query, len(shown), tokenizer, max_tokens)
+        text = self._render(query, [self.truncate(doc, tokenizer, limit) for doc in shown])
         if self.chat_template:
             if tokenizer is None or tokenizer.chat_template is None:
                 raise ValueError("listwise prompt asks for a chat template but the tokenizer has none")

@@ -91,7 +91,7 @@ class E2RankModule(ZooModule):
     def build_prompt(self, query: str, docs: Sequence[str], num_docs: int | None = None) -> str:
         """The listwise pseudo-query; ``num_docs`` caps the candidates shown (default: the config's)."""
         prompt = self.prompt if num_docs is None else ListwisePrompt(**{**self.prompt.as_dict(), "num_docs": num_docs})
-        return prompt.build(query, docs, self.encoder.tokenizer)
+        return prompt.build(query, docs, self.encoder.tokenizer, max_tokens=self.hparams.max_prompt_length)
 
     def contrastive_loss(self, queries: Tensor, docs: Tensor) -> Tensor:
         return self.infonce(queries, docs)
