@@ -16,7 +16,7 @@ from zoo.paths import REPO_ROOT
 OmegaConf.register_new_resolver("zoo_root", lambda: str(REPO_ROOT), replace=True)
 
 
-def _last_checkpoint(run_dir: Path, run_name: str) -> str:
+def _last_checkpoint(run_dir: Path) -> str:
     """`ckpt_path=last`: this run folder's last.ckpt, else the newest one of the same run name."""
     own = run_dir / "checkpoints" / "last.ckpt"
     if own.exists():
@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
-        ckpt_path = _last_checkpoint(run_dir, cfg.run_name)
+        ckpt_path = _last_checkpoint(run_dir)
         print(f"resuming from {ckpt_path}")
     metrics: dict[str, float] = {}
     if cfg.mode == "fit":

@@ -21,6 +21,7 @@ from sentence_transformers import SentenceTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import add_common_args, parse  # noqa: E402
 from zoo.backbones import build_backbone, minilm_path  # noqa: E402
 from zoo.blocks.encoder import EmbeddingEncoder  # noqa: E402
 from zoo.paths import shared_data_dir  # noqa: E402
@@ -56,14 +57,9 @@ def main() -> None:
                         help="BEIR corpus.jsonl (default: SciFact under the shared data folder)")
     parser.add_argument("--n", type=int, default=1000, help="number of documents to encode")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each side, alternated")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 resists a busy machine)")
-    parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_common_args(parser)
+    args = parse(parser)
 
     corpus = args.corpus or shared_data_dir() / "beir-scifact" / "corpus.jsonl"
     texts = read_texts(corpus, args.n)

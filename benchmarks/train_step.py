@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import add_common_args, parse  # noqa: E402
 from zoo.backbones import build_backbone  # noqa: E402
 from zoo.blocks.encoder import EmbeddingEncoder  # noqa: E402
 from zoo.blocks.losses import InfoNCELoss  # noqa: E402
@@ -159,14 +160,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--query-length", type=int, default=16, help="query tokens (padded)")
     parser.add_argument("--doc-length", type=int, default=64, help="document tokens (padded)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 resists a busy machine)")
-    parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_common_args(parser)
+    args = parse(parser)
 
     # Keep the table readable: Lightning's startup notes and dataloader hints are not results.
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

@@ -55,6 +55,11 @@ def _worker(rank: int, world: int, port: int, hard_negatives: int, out: str) -> 
         if rank == 0:
             grads = {n: p.grad.detach().clone() for n, p in encoder.named_parameters() if p.grad is not None}
             torch.save({"losses": torch.stack(losses), "grads": grads}, out)
+        # Teardown order matters: gloo's worker thread frees the tensors of finished collectives and
+        # needs the GIL for it. The barrier's wait releases the GIL so it can; then DDP goes before
+        # its process group. Destroying the group first deadlocks about one run in two.
+        dist.barrier()
+        del ddp, loss, emb, losses
     finally:
         dist.destroy_process_group()
 
@@ -65,6 +70,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("hard_negatives", [0, 1, 2])
 def test_two_gloo_ranks_equal_one_process(tmp_path, hard_negatives):
     queries, docs = _batch(hard_negatives)

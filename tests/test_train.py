@@ -190,3 +190,22 @@ def test_zoo_list_json_names_every_paper(shared_data):
                 if line.startswith("| ") and line.split("|")[2].strip().endswith(".md")}
     assert {r["name"] for r in rows} == expected
     assert all({"name", "paper", "arxiv", "kind", "module", "datamodule", "status"} <= set(r) for r in rows)
+
+
+def test_ckpt_path_last_finds_this_or_the_newest_run(tmp_path):
+    import time
+
+    from train import _last_checkpoint
+    runs = tmp_path / "outputs" / "e2rank"
+    older, newer, current = runs / "a", runs / "b", runs / "c"
+    for run in (older, newer):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        time.sleep(0.01)
+    current.mkdir()
+    assert _last_checkpoint(current) == str(newer / "checkpoints" / "last.ckpt")
+    (current / "checkpoints").mkdir()
+    (current / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert _last_checkpoint(current) == str(current / "checkpoints" / "last.ckpt")
+    with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
+        _last_checkpoint(tmp_path / "elsewhere" / "run")
