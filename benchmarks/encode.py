@@ -88,7 +88,7 @@ def main() -> None:
     ratios = []
     for round_ in range(1, args.rounds + 1):
         for name, encode in sides.items():
-            elapsed, embeddings[name] = timed(lambda: encode(texts), device)
+            elapsed, embeddings[name] = timed(lambda encode=encode: encode(texts), device)
             seconds[name].append(elapsed)
             ratio_col = ""
             if name == "sentence-transformers":
