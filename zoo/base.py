@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from zoo import __version__
@@ -42,12 +43,8 @@ def check_plain(value: Any, where: str = "hparams") -> None:
 
 def plain(value: Any) -> Any:
     """OmegaConf containers and tuples as plain dicts and lists."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a core dependency
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

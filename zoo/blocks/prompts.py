@@ -30,11 +30,18 @@ class ListwisePrompt:
         offsets = enc["offset_mapping"]
         return text[: offsets[-1][1]].strip() if offsets else ""
 
-    def _render(self, query: str, docs: Sequence[str]) -> str:
+    def _render(self, query: str, docs: Sequence[str], tokenizer: PreTrainedTokenizerBase | None) -> str:
+        """The finished prompt text, chat template included, from already truncated documents."""
         lines = [f"{self.instruction}:", self.doc_header]
         lines += [f"[{i}] {doc}" for i, doc in enumerate(docs, start=1)]
         lines.append(f"{self.query_prefix}{query}")
-        return "\n".join(lines)
+        text = "\n".join(lines)
+        if not self.chat_template:
+            return text
+        if tokenizer is None or tokenizer.chat_template is None:
+            raise ValueError("listwise prompt asks for a chat template but the tokenizer has none")
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
 
     def doc_budget(self, query: str, n_docs: int, tokenizer: PreTrainedTokenizerBase | None,
                    max_tokens: int | None) -> int:
@@ -42,20 +49,14 @@ class ListwisePrompt:
         comes last, intact: right truncation would otherwise cut the query off first."""
         if max_tokens is None or tokenizer is None or n_docs == 0:
             return self.max_doc_tokens
-        skeleton = len(tokenizer(self._render(query, [""] * n_docs))["input_ids"])
+        skeleton = len(tokenizer(self._render(query, [""] * n_docs, tokenizer))["input_ids"])
         return max(0, min(self.max_doc_tokens, (max_tokens - skeleton) // n_docs))
 
     def build(self, query: str, docs: Sequence[str], tokenizer: PreTrainedTokenizerBase | None = None,
               max_tokens: int | None = None) -> str:
         shown = list(docs[: self.num_docs])
         limit = self.doc_budget(query, len(shown), tokenizer, max_tokens)
-        text = self._render(query, [self.truncate(doc, tokenizer, limit) for doc in shown])
-        if self.chat_template:
-            if tokenizer is None or tokenizer.chat_template is None:
-                raise ValueError("listwise prompt asks for a chat template but the tokenizer has none")
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return text
+        return self._render(query, [self.truncate(doc, tokenizer, limit) for doc in shown], tokenizer)
 
     def as_dict(self) -> dict:
         return asdict(self)
