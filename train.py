@@ -47,7 +47,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     model = zoo.load(cfg.pretrained) if cfg.pretrained else instantiate(cfg.model, _convert_="all")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir))
+    # Manual-optimisation modules (the RL entries) clip inside their own step (model.max_grad_norm).
+    clipping = {} if model.automatic_optimization else {"gradient_clip_val": None}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(run_dir), **clipping)
     if trainer.is_global_zero:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 

@@ -5,6 +5,7 @@ import lightning as L
 import torch
 
 from zoo.e2rank.module import E2RankModule
+from zoo.policy_gradient.module import GRPOModule
 
 
 class ListMLEE2Rank(E2RankModule):
@@ -19,6 +20,21 @@ class ListMLEE2Rank(E2RankModule):
 
     def on_train_end(self) -> None:
         print(f"ListMLE ranking loss used {self.ranking_calls} times")
+
+
+class BrevityGRPO(GRPOModule):
+    """GRPO whose reward also prefers short responses: one hook changed."""
+
+    reward_calls = 0
+
+    def reward(self, rollout, samples):
+        total, parts = super().reward(rollout, samples)
+        self.reward_calls += self.training        # evaluation calls it too; count the training steps
+        return total - 0.01 * rollout.lengths.float(), parts
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        print(f"brevity reward used {self.reward_calls} times")
 
 
 class KillAtEpochStart(L.Callback):

