@@ -112,7 +112,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "sessions": n_sessions, "em": em.tolist(), "em_se": em_se.tolist(), "harvest": harvest.tolist(),
-            "ctr": ctr.tolist(), "heldout_perplexity": {"pbm": pbm_ppl, "position_ctr": ctr_ppl},
+            "ctr": ctr.tolist(), "held_apart_perplexity": {"pbm": pbm_ppl, "position_ctr": ctr_ppl},
         }, indent=2))
 
 
