@@ -19,3 +19,11 @@ def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out, write and announce a matplotlib figure (creating its folder)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    print(f"figure: {path}")

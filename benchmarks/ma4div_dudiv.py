@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_common_args, parse
+from benchmarks.common import add_common_args, parse, save_figure
 from datamodules.diversity import DiversificationDataModule
 from zoo.blocks.diversity import alpha_ndcg, err_ia, greedy_ideal, s_recall
 from zoo.ma4div.module import MA4DIVModule
@@ -147,10 +147,7 @@ def main() -> None:
     ax.set_ylabel("test α-NDCG (greedy-ideal normaliser)")
     ax.set_title(f"DU-DIV ({n} test queries, synthetic features), MA4DIV after {args.steps} steps")
     ax.legend()
-    fig.tight_layout()
-    args.figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.figure, dpi=120)
-    print(f"figure: {args.figure}")
+    save_figure(fig, args.figure)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "train_seconds": times,
                                          "config": {k: str(v) for k, v in vars(args).items()}}, indent=2))

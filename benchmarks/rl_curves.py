@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.common import save_figure
 
 
 def run(experiment: str, folder: Path, overrides: list[str], threads: int | None) -> tuple[list[dict], dict, float]:
@@ -79,10 +81,7 @@ def main() -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend()
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"figure: {args.out}")
+    save_figure(fig, args.out)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
 

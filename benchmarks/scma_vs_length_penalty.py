@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import save_figure
 from zoo.blocks.rl.rewards import boxed_match
 from zoo.paths import REPO_ROOT
 from zoo.scma.module import count_fillers
@@ -186,10 +189,7 @@ def main() -> None:
         axis.set(xlabel="RL step", ylabel=ylabel, title=title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"figure: {args.out}")
+    save_figure(fig, args.out)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "curves": curves}, indent=2))
 

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_common_args, parse
+from benchmarks.common import add_common_args, parse, save_figure
 from datamodules.ltr import ClickLTRDataModule, collate_lists
 from zoo.blocks.ltr import has_relevant, list_metrics
 from zoo.paths import shared_data_dir
@@ -143,10 +143,7 @@ def main() -> None:
     ax2.set_xticks(range(len(with_mae)), [NAMES[e] for e in with_mae], rotation=30, ha="right")
     ax2.set_ylabel("training-label MAE vs true γ (top 10)")
     fig.suptitle(f"{title}, simulated users (U={args.users}, S={args.sessions}, {args.seeds} seeds)")
-    fig.tight_layout()
-    args.figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.figure, dpi=120)
-    print(f"figure: {args.figure}")
+    save_figure(fig, args.figure)
     if args.json:
         args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
                                          "results": results, "paired_vs_user_aware": paired}, indent=2))

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_common_args, parse
+from benchmarks.common import add_common_args, parse, save_figure
 from datamodules.ltr import read_yandex_clicks
 from zoo.blocks.clicks import click_through_rate, fit_pbm_em, harvest_propensity
 from zoo.paths import shared_data_dir
@@ -104,10 +104,7 @@ def main() -> None:
     ax.set_xticks(k)
     ax.set_title(f"Yandex WSCD sample: {n_sessions} sessions, {len(log.queries)} queries")
     ax.legend()
-    fig.tight_layout()
-    args.figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.figure, dpi=120)
-    print(f"figure: {args.figure}")
+    save_figure(fig, args.figure)
 
     if args.json:
         args.json.write_text(json.dumps({
