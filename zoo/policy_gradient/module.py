@@ -195,12 +195,15 @@ class GRPOModule(ZooModule):
         return token_logprobs(logits, rollout.response_ids), logits, states
 
     @torch.no_grad()
-    def score_batch(self, rollout: Rollout, rewards: Tensor, group_ids: Tensor) -> dict[str, Any]:
-        """Everything the update needs that does not change during it: old/ref log-probs, values, advantages."""
+    def score_batch(self, rollout: Rollout, rewards: Tensor, group_ids: Tensor, **advantage_extra: Any) -> dict[str, Any]:
+        """Everything the update needs that does not change during it: old/ref log-probs, values, advantages.
+
+        ``advantage_extra`` reaches the advantage estimator (e.g. ROSE's rollout trees).
+        """
         old_logprobs, _, hidden = self.policy_outputs(rollout, hidden=self.uses_values)
         ref_logprobs = self.policy_outputs(rollout, self.ref_policy)[0] if self.ref_policy is not None else None
         old_values = self.values(hidden) * rollout.response_mask if self.uses_values else None
-        extra: dict[str, Any] = {} if old_values is None else {"values": old_values}
+        extra: dict[str, Any] = dict(advantage_extra) if old_values is None else {**advantage_extra, "values": old_values}
         if ref_logprobs is not None and self.kl_cfg.get("in_reward"):
             extra.update(token_kl=kl_penalty(old_logprobs, ref_logprobs, self.kl_cfg["kind"]),
                          kl_coef=self.kl_cfg["coef"])

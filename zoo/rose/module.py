@@ -93,7 +93,6 @@ class ROSEModule(GRPOModule):
             raise ValueError(f"advantage.membership must be one of {', '.join(MEMBERSHIP)}")
         if not 0.0 < self.dynamic_cfg["min_kept_fraction"] <= 1.0 or self.dynamic_cfg["max_gen_batches"] < 1:
             raise ValueError("dynamic_sampling needs 0 < min_kept_fraction <= 1 and max_gen_batches >= 1")
-        self._tree_batch: tuple[list[RolloutTree], Tensor] | None = None
 
     # -- hooks -------------------------------------------------------------------------------
     def sampler(self) -> TreeRolloutSampler:
@@ -104,13 +103,6 @@ class ROSEModule(GRPOModule):
         """One tree of ``group_size`` responses per prompt; rows grouped by prompt."""
         prompts = [self.format_prompt(s) for s in samples]
         return self.sampler().sample(prompts, self.hparams.group_size, generator=self.generator(stream))
-
-    def advantage(self, rewards: Tensor, rollout: Rollout, group_ids: Tensor, **extra: Any) -> tuple[Tensor, Tensor]:
-        """The configured estimator, given this batch's trees and correctness (other estimators ignore them)."""
-        if self._tree_batch is None:
-            raise RuntimeError("ROSE's advantage needs the batch's trees; call it through training_step")
-        trees, correct = self._tree_batch
-        return super().advantage(rewards, rollout, group_ids, trees=trees, correct=correct, **extra)
 
     # -- dynamic sampling --------------------------------------------------------------------
     def refill_batch(self, index: int) -> list[dict[str, Any]]:
@@ -170,12 +162,9 @@ class ROSEModule(GRPOModule):
         stats = collected["stats"]
         if not stats["skipped"]:
             trees = collected["trees"]
-            self._tree_batch = (trees, collected["correct"])
-            try:
-                scored = self.score_batch(collected["rollout"], collected["rewards"],
-                                          self.group_ids(len(trees), self.hparams.group_size, self.device))
-            finally:
-                self._tree_batch = None
+            scored = self.score_batch(collected["rollout"], collected["rewards"],
+                                      self.group_ids(len(trees), self.hparams.group_size, self.device),
+                                      trees=trees, correct=collected["correct"])
             stats.update(self.update(scored))
         self._rl_steps += 1
         record = {"step": self._rl_steps, **stats}
