@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,11 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from datamodules.readers import DataFormatError
+from zoo.registry import Registry
 
 Sample = dict[str, Any]
-TASKS: dict[str, Callable[..., Task]] = {}
-
-
-def register_task(name: str):
-    def wrap(cls):
-        TASKS[name] = cls
-        return cls
-    return wrap
+TASKS = Registry("reasoning task")
+register_task = TASKS.register
 
 
 class Task:

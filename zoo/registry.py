@@ -86,3 +86,25 @@ def import_object(dotted: str) -> Any:
 
 def entries() -> list[Entry]:
     return list(REGISTRY.values())
+
+
+class Registry(dict):
+    """Components chosen by name in configs (advantages, policy losses, rewards, tasks).
+
+    ``@REG.register("name")`` adds one; ``REG.lookup(name)`` fails with the registered names.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def register(self, name: str):
+        def wrap(obj):
+            self[name] = obj
+            return obj
+        return wrap
+
+    def lookup(self, name: str) -> Any:
+        if name not in self:
+            raise KeyError(f"unknown {self.kind} '{name}'; registered: {', '.join(sorted(self))}")
+        return self[name]

@@ -6,25 +6,14 @@ Group estimators also take ``group_ids [N]`` (responses to the same prompt share
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-ADVANTAGES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+from zoo.registry import Registry
 
-
-def register_advantage(name: str):
-    def wrap(fn):
-        ADVANTAGES[name] = fn
-        return fn
-    return wrap
-
-
-def get_advantage(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
-    if name not in ADVANTAGES:
-        raise KeyError(f"unknown advantage estimator '{name}'; registered: {', '.join(sorted(ADVANTAGES))}")
-    return ADVANTAGES[name]
+ADVANTAGES = Registry("advantage estimator")
+register_advantage = ADVANTAGES.register
+get_advantage = ADVANTAGES.lookup
 
 
 def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,26 +1,15 @@
 """Policy losses, KL estimators and loss aggregation: pure functions over per-token tensors."""
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {}
+from zoo.registry import Registry
+
+POLICY_LOSSES = Registry("policy loss")
+register_policy_loss = POLICY_LOSSES.register
+get_policy_loss = POLICY_LOSSES.lookup
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_sum_const_norm")
-
-
-def register_policy_loss(name: str):
-    def wrap(fn):
-        POLICY_LOSSES[name] = fn
-        return fn
-    return wrap
-
-
-def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor]]]:
-    if name not in POLICY_LOSSES:
-        raise KeyError(f"unknown policy loss '{name}'; registered: {', '.join(sorted(POLICY_LOSSES))}")
-    return POLICY_LOSSES[name]
 
 
 def aggregate(values: Tensor, mask: Tensor, mode: str = "token_mean", max_length: int | None = None) -> Tensor:

@@ -7,24 +7,15 @@ from __future__ import annotations
 import ast
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
-REWARDS: dict[str, Callable[..., float]] = {}
+from zoo.registry import Registry
 
-
-def register_reward(name: str):
-    def wrap(fn):
-        REWARDS[name] = fn
-        return fn
-    return wrap
-
-
-def get_reward(name: str) -> Callable[..., float]:
-    if name not in REWARDS:
-        raise KeyError(f"unknown reward '{name}'; registered: {', '.join(sorted(REWARDS))}")
-    return REWARDS[name]
+REWARDS = Registry("reward")
+register_reward = REWARDS.register
+get_reward = REWARDS.lookup
 
 
 # -- answer extraction ---------------------------------------------------------------------
