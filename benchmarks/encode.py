@@ -21,10 +21,10 @@ from sentence_transformers import SentenceTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_common_args, parse  # noqa: E402
-from zoo.backbones import build_backbone, minilm_path  # noqa: E402
-from zoo.blocks.encoder import EmbeddingEncoder  # noqa: E402
-from zoo.paths import shared_data_dir  # noqa: E402
+from benchmarks.common import add_common_args, parse
+from zoo.backbones import build_backbone, minilm_path
+from zoo.blocks.encoder import EmbeddingEncoder
+from zoo.paths import shared_data_dir
 
 MAX_SEQ_LENGTH = 256
 AGREEMENT = 1e-4

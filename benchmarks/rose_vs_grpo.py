@@ -18,7 +18,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_common_args, parse
+from benchmarks.common import add_common_args, compose_config, parse
+from benchmarks.common import quiet_trainer as common_quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {   # name -> (experiment config, extra overrides)
@@ -42,22 +42,12 @@ TREE_STATS = ("branch_depth", "root_restart_fraction", "branch_se", "branch_se_p
 
 
 def compose(experiment: str, overrides: list[str], seed: int, steps: int):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import train  # noqa: F401  (registers the zoo_root resolver)
-
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=[f"experiment={experiment}", f"seed={seed}",
-                                                             f"data.train_batches={steps}", *overrides])
+    return compose_config([f"experiment={experiment}", f"seed={seed}",
+                            f"data.train_batches={steps}", *overrides])
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
-    # A scratch root: the module writes rl_history.jsonl there, not into the working directory.
-    return L.Trainer(accelerator="cpu", devices=1, default_root_dir=tempfile.mkdtemp(prefix="rose_vs_grpo_"),
-                     logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, **kwargs)
+    return common_quiet_trainer("rose_vs_grpo_", **kwargs)
 
 
 def held_out(module, datamodule) -> dict[str, float]:

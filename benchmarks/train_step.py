@@ -32,16 +32,14 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_common_args, parse  # noqa: E402
-from zoo.backbones import build_backbone  # noqa: E402
-from zoo.blocks.encoder import EmbeddingEncoder  # noqa: E402
-from zoo.blocks.losses import InfoNCELoss  # noqa: E402
+from benchmarks.common import add_common_args, parse
+from zoo.backbones import build_backbone
+from zoo.blocks.encoder import EmbeddingEncoder
+from zoo.blocks.losses import InfoNCELoss
 
 LR = 2e-5
 TEMPERATURE = 0.05
-WORDS = ("cell protein gene expression patients study risk treatment cancer disease clinical trial "
-         "effect increased reduced mice human response levels analysis association model data "
-         "receptor signaling pathway tumor infection immune therapy dose outcome mortality").split()
+WORDS = ["cell", "protein", "gene", "expression", "patients", "study", "risk", "treatment", "cancer", "disease", "clinical", "trial", "effect", "increased", "reduced", "mice", "human", "response", "levels", "analysis", "association", "model", "data", "receptor", "signaling", "pathway", "tumor", "infection", "immune", "therapy", "dose", "outcome", "mortality"]
 
 
 def synthetic_batch(tokenizer, batch_size: int, query_length: int, doc_length: int) -> dict[str, Tensor]:

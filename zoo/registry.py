@@ -42,7 +42,7 @@ _PAPERS = [
     ("mergemix", "MergeMix: Optimizing Mid-Training Data Mixtures via Learnable Model Merging", "2601.17858", "module"),
     ("wsm", "WSM: Warmup-Stable and Merge (LR decay as checkpoint merging)", "2507.17634", "callback"),
     ("entrodrop", "EntroDrop: entropy-guided token dropout", "2512.23422", "callback"),
-    ("mgs", "MGS: Modular Gradient Surgery for multi-domain RL", "2602.02301", "strategy"),
+    ("mgs", "MGS: Modular Gradient Surgery for multi-domain RL", "2602.02301", "callback"),
     ("tre", "TRE: Trust Region Entropy", "2602.03635", "callback"),
 ]
 
@@ -50,6 +50,7 @@ _PAPERS = [
 _GENERIC = [
     ("grpo", "Generic GRPO (group-relative policy optimisation, from DeepSeekMath)", "2402.03300", "module"),
     ("ppo", "Generic PPO (clipped surrogate, value head, GAE)", "1707.06347", "module"),
+    ("causal_lm", "Generic causal-LM pretraining / SFT on token streams (hosts WSM and EntroDrop)", "", "module"),
 ]
 
 _IMPLEMENTED = {
@@ -60,6 +61,15 @@ _IMPLEMENTED = {
     "scma": ("zoo.scma.module.SCMAModule", "datamodules.scma.SCMADataModule", "implemented"),
     "ultr_user_aware": ("zoo.ultr_user_aware.module.UserAwareULTRModule", "datamodules.ltr.ClickLTRDataModule", "implemented"),
     "ma4div": ("zoo.ma4div.module.MA4DIVModule", "datamodules.diversity.DiversificationDataModule", "implemented"),
+    "jade": ("zoo.jade.module.JADEModule", "datamodules.agentic_qa.AgenticQADataModule", "implemented"),
+    "mask": ("zoo.mask.module.MASKModule", "datamodules.agentic_qa.AgenticQADataModule", "implemented"),
+    "agentic_r": ("zoo.agentic_r.module.AgenticRetrieverModule", "datamodules.agentic_r.AgenticRetrieverDataModule",
+                  "implemented"),
+    "causal_lm": ("zoo.causal_lm.module.CausalLMModule", "datamodules.text.TextDataModule", "implemented"),
+    "wsm": ("callbacks.wsm.WSM", None, "implemented"),
+    "entrodrop": ("callbacks.entrodrop.EntroDrop", None, "implemented"),
+    "mgs": ("callbacks.mgs.MGS", "datamodules.multidomain.MultiDomainDataModule", "implemented"),
+    "tre": ("callbacks.tre.TRE", None, "implemented"),
 }
 
 REGISTRY: dict[str, Entry] = {}

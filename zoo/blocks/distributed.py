@@ -65,3 +65,25 @@ def merge_across_ranks(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, 
         for system, run in part.items():
             merged.setdefault(system, {}).update(run)
     return merged
+
+
+def gather_keep_local(local: Tensor) -> Tensor:
+    """Every rank's rows in rank order: other ranks' copies without gradient, this rank's with it.
+
+    Ranks may hold different numbers of rows (a short last batch); rows are padded for the
+    collective and cut back.
+    """
+    rank, size = world()
+    if size == 1:
+        return local
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
+    padded[:local.shape[0]] = local.detach()
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    rows = [part[:n] for part, n in zip(parts, counts)]
+    rows[rank] = local
+    return torch.cat(rows)

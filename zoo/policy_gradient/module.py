@@ -6,7 +6,9 @@ Each stage is a hook a subclass overrides: ``format_prompt``, ``rollout``, ``rew
 ``advantage``, ``policy_loss`` (and ``actor_loss`` around it).
 
 Techniques read per-token logits and the response mask: every term in ``self.loss_terms``
-is called as ``term(logits, mask, module)`` inside the actor loss and added to it.
+is called as ``term(logits, mask, module)`` inside the actor loss and added to it. Token-batch
+techniques (EntroDrop) edit the supervised warm start's batches: every ``self.batch_transforms``
+entry is called as ``transform(batch, module, step, total_steps)`` on each of them.
 """
 from __future__ import annotations
 
@@ -105,6 +107,8 @@ class GRPOModule(ZooModule):
             self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
         self.register_buffer("warm_started", torch.tensor(0.0))
         self.loss_terms: dict[str, LossTerm] = {}
+        self.batch_transforms: dict[str, Callable[..., None]] = {}
+        self._sft_progress = (0, 1)                # (step, steps) of the supervised warm start
         self.history: list[dict[str, float]] = []
         self._rl_steps = 0
         self._eval_records: list[tuple[float, float, float]] = []
@@ -191,7 +195,7 @@ class GRPOModule(ZooModule):
         """(log-probs of the response tokens, their logits, last hidden states) under ``model``."""
         logits, states = response_logits(model or self.policy, rollout.input_ids, rollout.attention_mask,
                                          rollout.prompt_width, self.rollout_cfg.get("temperature", 1.0),
-                                         rollout.allowed, output_hidden_states=hidden)
+                                         rollout.allowed, output_hidden_states=hidden, choices=rollout.choices)
         return token_logprobs(logits, rollout.response_ids), logits, states
 
     @torch.no_grad()
@@ -322,6 +326,7 @@ class GRPOModule(ZooModule):
         bar = tqdm(range(steps), desc="supervised warm start", disable=None if self.trainer.is_global_zero else True)
         for step in bar:
             chunk = demos[step * size:(step + 1) * size]
+            self._sft_progress = (step, steps)
             loss = self.supervised_loss([d for d in chunk], [d["solution"] for d in chunk])
             loss.backward()
             loss = loss.detach()
@@ -333,14 +338,34 @@ class GRPOModule(ZooModule):
         self.warm_started.fill_(1.0)
 
     def supervised_loss(self, samples: Sequence[Mapping[str, Any]], completions: Sequence[str]) -> Tensor:
-        """Token-mean cross-entropy of ``completion + EOS`` after each formatted prompt."""
+        """Token-mean cross-entropy of ``completion + EOS`` after each formatted prompt.
+
+        The ``batch_transforms`` may edit the token batch first (with the warm-start step).
+        """
+        batch = self.sft_batch(samples, completions)
+        for transform in self.batch_transforms.values():
+            transform(batch, self, *self._sft_progress)
+        logprobs = token_logprobs(self.forward_logits(batch), batch["labels"][:, 1:].clamp(min=0))
+        return -aggregate(logprobs, self.token_loss_mask(batch))
+
+    def sft_batch(self, samples: Sequence[Mapping[str, Any]], completions: Sequence[str]) -> dict[str, Tensor]:
+        """``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding) of prompt + completion + EOS."""
         encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts = [encode(self.format_prompt(s)) for s in samples]
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        responses = [encode(c) + eos for c in completions]
-        batch = pack(prompts, responses, self.tokenizer.pad_token_id, self.device)
-        logprobs, _, _ = self.policy_outputs(batch)
-        return -aggregate(logprobs, batch.response_mask)
+        packed = pack(prompts, [encode(c) + eos for c in completions], self.tokenizer.pad_token_id, self.device)
+        labels = torch.cat([torch.full_like(packed.prompt_ids, -100),
+                            packed.response_ids.masked_fill(packed.response_mask == 0, -100)], dim=1)
+        return {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask, "labels": labels}
+
+    def forward_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """Policy logits ``[B, T-1, V]`` (fp32, rollout temperature) of a token batch; entry t predicts labels[:, t+1]."""
+        logits, _ = response_logits(self.policy, batch["input_ids"], batch["attention_mask"], 1,
+                                    self.rollout_cfg.get("temperature", 1.0))
+        return logits
+
+    def token_loss_mask(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch["labels"][:, 1:] != -100
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate_batch(self, batch: list[dict[str, Any]]) -> None:

@@ -180,3 +180,14 @@ def format_check(response: str, sample: Mapping[str, Any], *, pattern: str = r"\
 def length(response: str, sample: Mapping[str, Any], *, num_tokens: int = 0, max_tokens: int = 1, **_: Any) -> float:
     """-|y| / L_max: a plain length penalty (weight it with a positive coefficient)."""
     return -num_tokens / max(max_tokens, 1)
+
+
+@register_reward("domain")
+def domain_reward(response: str, sample: Mapping[str, Any], **options: Any) -> float:
+    """The sample's own correctness reward (``sample["reward"]``, set by ``MultiDomainDataModule``)."""
+    spec = sample.get("reward")
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise KeyError("the 'domain' reward needs samples carrying their reward spec under 'reward' "
+                       "(datamodules.multidomain.MultiDomainDataModule tags them)")
+    own = {k: v for k, v in spec.items() if k != "name"}
+    return get_reward(spec["name"])(response, sample, **{**own, **options})

@@ -31,6 +31,8 @@ class Rollout:
     entropy: Tensor | None = None      # [N, R] entropy of the sampling distribution
     topk_ids: Tensor | None = None     # [N, R, k] most probable tokens at each position
     topk_probs: Tensor | None = None   # [N, R, k] their probabilities
+    choices: Tensor | None = None      # [N, R, A] token ids allowed at each response position (-1 pads;
+                                       # a row of -1 leaves that position unrestricted): choice decoding
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -90,6 +92,13 @@ class Rollout:
         vocab = next((r.allowed.shape[1] for r in rollouts if r.allowed is not None), 0)
         allowed = optional("allowed", lambda r: torch.ones(len(r), vocab, dtype=torch.bool,
                                                            device=r.response_ids.device))
+        choices = None
+        if any(r.choices is not None for r in rollouts):
+            width = max(r.choices.shape[2] for r in rollouts if r.choices is not None)
+            choices = torch.cat([right(F.pad(r.choices, (0, width - r.choices.shape[2]), value=-1), -1)
+                                 if r.choices is not None else
+                                 torch.full((len(r), response_width, width), -1, dtype=torch.long,
+                                            device=r.response_ids.device) for r in rollouts])
         stats = {}
         for name in ("entropy", "topk_ids", "topk_probs"):
             if all(getattr(r, name) is None for r in rollouts):
@@ -109,6 +118,7 @@ class Rollout:
             finished=torch.cat([r.finished for r in rollouts]),
             turns=torch.cat([r.turns for r in rollouts]),
             allowed=allowed,
+            choices=choices,
             **stats,
         )
 
@@ -129,13 +139,19 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def restrict(logits: Tensor, allowed: Tensor | None) -> Tensor:
-    """Logits with the tokens outside ``allowed`` ([N, V], broadcast over positions) at -inf."""
-    if allowed is None:
-        return logits
-    if logits.dim() == 3:
-        allowed = allowed[:, None, :]
-    return logits.masked_fill(~allowed, float("-inf"))
+def restrict(logits: Tensor, allowed: Tensor | None, choices: Tensor | None = None) -> Tensor:
+    """Logits with the tokens outside ``allowed`` ([N, V], broadcast over positions) at -inf,
+    and, where ``choices`` ([N, R, A] ids, -1 padded) lists tokens for a position, outside those.
+    """
+    if allowed is not None:
+        logits = logits.masked_fill(~(allowed[:, None, :] if logits.dim() == 3 else allowed), float("-inf"))
+    if choices is not None:
+        listed = choices >= 0
+        keep = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        keep.scatter_(-1, choices.clamp(min=0), listed)
+        keep |= ~listed.any(-1, keepdim=True)          # positions without a list stay unrestricted
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return logits
 
 
 def causal_lm_forward(model: torch.nn.Module, keep: int, **inputs):
@@ -152,8 +168,9 @@ def causal_lm_forward(model: torch.nn.Module, keep: int, **inputs):
 
 def response_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_width: int,
                     temperature: float = 1.0, allowed: Tensor | None = None,
-                    output_hidden_states: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Float32 logits ([N, R, V], temperature applied, restricted to ``allowed``) for each response position.
+                    output_hidden_states: bool = False, choices: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Float32 logits ([N, R, V], temperature applied, restricted to ``allowed`` and ``choices``) for each
+    response position.
 
     With ``output_hidden_states`` also returns the last layer's hidden states at those positions
     (what a value head reads).
@@ -164,7 +181,7 @@ def response_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: T
                             use_cache=False)
     logits = out.logits[:, -keep:-1].float() / temperature
     hidden = out.hidden_states[-1][:, prompt_width - 1:-1] if output_hidden_states else None
-    return restrict(logits, allowed), hidden
+    return restrict(logits, allowed, choices), hidden
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
