@@ -1,0 +1,200 @@
+"""LLM building blocks for rankers, judges and interpretability: label scoring, chat prompts, activation hooks.
+
+- ``label_logprobs``: log P(label | prompt) for each prompt and each candidate label ("yes"/"no",
+  document identifiers, grades), batched, with single-token labels read from one forward pass and
+  multi-token labels teacher-forced; an optional ``ScoreCache`` skips prompts already scored.
+- ``chat_prompt``: a user turn (plus system prompt) through the tokenizer's chat template, or plain
+  text for tokenizers without one.
+- ``ActivationHooks``: capture and patch activations of a Llama-style decoder (``model.model.layers``)
+  with plain PyTorch hooks, by site, layer, position and head. Patches carry a boolean mask per batch
+  row, so one batched forward can run many different patches (one per row).
+
+Sites: ``resid_pre`` (a layer's input), ``resid_post`` (its output), ``attn_out`` (self-attention
+output), ``mlp_out``, and ``z`` (per-head attention values before the output projection, [B, T, H, d_head]).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from zoo.blocks.rl.rollout import left_pad, position_ids
+
+SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
+
+
+# -- prompts ---------------------------------------------------------------------------------
+def chat_prompt(tokenizer: Any, user: str, system: str | None = None, assistant_prefix: str = "") -> str:
+    """The text a chat model sees before it answers (``assistant_prefix`` starts the answer)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = f"{system}\n{user}\n" if system else f"{user}\n"
+    return text + assistant_prefix
+
+
+# -- label scoring ---------------------------------------------------------------------------
+class ScoreCache(dict):
+    """(prompt, labels) -> label log-probs; counts what it saved."""
+
+    hits = 0
+
+
+@torch.no_grad()
+def label_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], labels: Sequence[str], *,
+                   batch_size: int = 16, cache: ScoreCache | None = None) -> Tensor:
+    """[N, L] log P(labels[j] | prompts[i]) under ``model`` (the label's tokens follow the prompt directly).
+
+    Single-token labels cost one forward per batch of prompts; longer labels are scored by
+    teacher forcing every (prompt, label) pair.
+    """
+    label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    if any(not ids for ids in label_ids):
+        raise ValueError(f"a label tokenizes to nothing: {list(labels)}")
+    key_labels = tuple(labels)
+    out = torch.empty(len(prompts), len(labels))
+    todo = []
+    for i, prompt in enumerate(prompts):
+        if cache is not None and (prompt, key_labels) in cache:
+            out[i] = cache[(prompt, key_labels)]
+            cache.hits += 1
+        else:
+            todo.append(i)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    single = all(len(ids) == 1 for ids in label_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start:start + batch_size]
+            encoded = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in rows]
+            if single:
+                ids, mask = left_pad(encoded, pad, device)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
+                logp = torch.log_softmax(logits.float(), dim=-1)[:, [ids_[0] for ids_ in label_ids]]
+            else:
+                logp = _teacher_forced(model, encoded, label_ids, pad, device)
+            for row, i in enumerate(rows):
+                out[i] = logp[row].cpu()
+                if cache is not None:
+                    cache[(prompts[i], key_labels)] = out[i].clone()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _teacher_forced(model: torch.nn.Module, prompts: list[list[int]], label_ids: list[list[int]], pad: int,
+                    device: torch.device) -> Tensor:
+    pairs = [(p, lab) for p in prompts for lab in label_ids]
+    ids, mask = left_pad([p + lab for p, lab in pairs], pad, device)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.float(),
+                             dim=-1)
+    width = ids.shape[1]
+    scores = torch.empty(len(pairs), device=device)
+    for r, (_, lab) in enumerate(pairs):
+        positions = torch.arange(width - len(lab), width, device=device)
+        scores[r] = logp[r, positions - 1, torch.as_tensor(lab, device=device)].sum()
+    return scores.view(len(prompts), len(label_ids))
+
+
+# -- activation hooks ------------------------------------------------------------------------
+@dataclass
+class Patch:
+    """Replace ``site`` of ``layer`` by ``value`` wherever ``mask`` is true.
+
+    ``value`` has the site's shape ([B, T, D], or [B, T, H, d_head] for ``z``); ``mask`` is [B, T]
+    (every head of a position) or, for ``z``, [B, T, H].
+    """
+
+    site: str
+    layer: int
+    value: Tensor
+    mask: Tensor
+
+
+class ActivationHooks:
+    """Capture and patch the activations of a Llama-style decoder's layers."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        base = getattr(model, "model", model)
+        if not hasattr(base, "layers"):
+            raise TypeError(f"{type(model).__name__} has no decoder layers at .model.layers")
+        self.model = model
+        self.layers = list(base.layers)
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+
+    def _module(self, site: str, layer: int) -> tuple[torch.nn.Module, bool]:
+        """The module to hook and whether the site is its input (pre-hook) rather than its output."""
+        if site not in SITES:
+            raise ValueError(f"unknown site '{site}'; choose one of {SITES}")
+        if not 0 <= layer < len(self.layers):
+            raise IndexError(f"layer {layer} out of range (the model has {len(self.layers)})")
+        block = self.layers[layer]
+        return {"resid_pre": (block, True), "resid_post": (block, False), "attn_out": (block.self_attn, False),
+                "mlp_out": (block.mlp, False), "z": (block.self_attn.o_proj, True)}[site]
+
+    def _to_site(self, site: str, tensor: Tensor) -> Tensor:
+        return tensor.view(*tensor.shape[:2], self.heads, self.head_dim) if site == "z" else tensor
+
+    @contextmanager
+    def _hooked(self, sites: Sequence[tuple[str, int]], capture: dict | None,
+                patches: Sequence[Patch]) -> Iterator[None]:
+        handles = []
+        wanted = {(s, layer) for s, layer in sites} | {(p.site, p.layer) for p in patches}
+        for site, layer in wanted:
+            module, is_input = self._module(site, layer)
+            mine = [p for p in patches if (p.site, p.layer) == (site, layer)]
+            keep = capture is not None and (site, layer) in set(sites)
+
+            def edit(tensor: Tensor, site=site, layer=layer, mine=mine, keep=keep) -> Tensor:
+                view = self._to_site(site, tensor)
+                for p in mine:
+                    mask = p.mask.to(view.device)
+                    while mask.dim() < view.dim():
+                        mask = mask.unsqueeze(-1)
+                    view = torch.where(mask, p.value.to(view.dtype).to(view.device), view)
+                if keep:
+                    capture[(site, layer)] = view.detach().clone()
+                return view.reshape(tensor.shape)
+
+            if is_input:
+                def pre(mod, args, kwargs, edit=edit):
+                    if args:
+                        return (edit(args[0]), *args[1:]), kwargs
+                    kwargs = dict(kwargs)
+                    kwargs["hidden_states"] = edit(kwargs["hidden_states"])
+                    return args, kwargs
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(mod, args, output, edit=edit):
+                    if isinstance(output, tuple):
+                        return (edit(output[0]), *output[1:])
+                    return edit(output)
+                handles.append(module.register_forward_hook(post))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def run(self, input_ids: Tensor, attention_mask: Tensor, *, capture: Sequence[tuple[str, int]] = (),
+            patches: Sequence[Patch] = ()) -> tuple[Tensor, dict[tuple[str, int], Tensor]]:
+        """Logits [B, T, V] of one forward with ``patches`` applied, and the ``capture``d sites
+        (after patching) keyed by (site, layer)."""
+        cached: dict[tuple[str, int], Tensor] = {}
+        with self._hooked(list(capture), cached, list(patches)):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids(attention_mask)).logits
+        return logits.float(), cached
+
+    def all_sites(self, site: str) -> list[tuple[str, int]]:
+        return [(site, layer) for layer in range(len(self.layers))]
