@@ -66,6 +66,7 @@ _IMPLEMENTED = {
     "agentic_r": ("zoo.agentic_r.module.AgenticRetrieverModule", "datamodules.agentic_r.AgenticRetrieverDataModule",
                   "implemented"),
     "causal_lm": ("zoo.causal_lm.module.CausalLMModule", "datamodules.text.TextDataModule", "implemented"),
+    "tourrank": ("zoo.tourrank.module.TourRankModule", "datamodules.trec_rerank.TrecRerankDataModule", "implemented"),
     "wsm": ("callbacks.wsm.WSM", None, "implemented"),
     "entrodrop": ("callbacks.entrodrop.EntroDrop", None, "implemented"),
     "mgs": ("callbacks.mgs.MGS", "datamodules.multidomain.MultiDomainDataModule", "implemented"),
