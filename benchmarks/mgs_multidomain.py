@@ -33,10 +33,10 @@ from benchmarks.common import (
     add_common_args,
     compose_config,
     parse,
+    quiet_trainer,
     save_figure,
     silence_lightning,
 )
-from benchmarks.common import quiet_trainer as common_quiet_trainer
 from callbacks.mgs import MGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +56,6 @@ def build(cfg):
     return instantiate(cfg.model, _convert_="all"), datamodule
 
 
-def quiet_trainer(callbacks=(), **kwargs) -> L.Trainer:
-    return common_quiet_trainer("mgs_multidomain_", callbacks, **kwargs)
-
-
 def held_out(module, datamodule) -> dict[str, float]:
     module.eval()
     out = {}
@@ -73,7 +69,7 @@ def held_out(module, datamodule) -> dict[str, float]:
 def warm_policy(seed: int, steps: int, batch_size: int) -> dict:
     L.seed_everything(seed, workers=True)
     module, datamodule = build(compose(seed, steps, batch_size))
-    quiet_trainer(max_epochs=1, limit_train_batches=0).fit(module, datamodule=datamodule)
+    quiet_trainer("mgs_multidomain_", max_epochs=1, limit_train_batches=0).fit(module, datamodule=datamodule)
     return {"weights": {k: v.clone() for k, v in module.policy.state_dict().items()},
             "held_out": held_out(module, datamodule)}
 
@@ -85,7 +81,7 @@ def run(arm: str, seed: int, steps: int, batch_size: int, warm: dict) -> dict:
     module.warm_started.fill_(1.0)
     callback = MGS(seed=seed, **ARMS[arm])
     start = time.perf_counter()
-    quiet_trainer([callback], max_epochs=1, limit_train_batches=steps).fit(module, datamodule=datamodule)
+    quiet_trainer("mgs_multidomain_", [callback], max_epochs=1, limit_train_batches=steps).fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     history = callback.history
     both = [h for h in history if h.get(f"mgs/cos_global/{PAIR}", 0.0) != 0.0]

@@ -27,8 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_common_args, compose_config, parse
-from benchmarks.common import quiet_trainer as common_quiet_trainer
+from benchmarks.common import add_common_args, compose_config, parse, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {   # name -> (experiment config, extra overrides)
@@ -44,10 +43,6 @@ TREE_STATS = ("branch_depth", "root_restart_fraction", "branch_se", "branch_se_p
 def compose(experiment: str, overrides: list[str], seed: int, steps: int):
     return compose_config([f"experiment={experiment}", f"seed={seed}",
                             f"data.train_batches={steps}", *overrides])
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    return common_quiet_trainer("rose_vs_grpo_", **kwargs)
 
 
 def held_out(module, datamodule) -> dict[str, float]:
@@ -67,7 +62,7 @@ def warm_policy(seed: int, steps: int) -> tuple[dict, dict[str, float]]:
     L.seed_everything(seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.model, _convert_="all")
-    quiet_trainer(max_epochs=1, limit_train_batches=0).fit(module, datamodule=datamodule)
+    quiet_trainer("rose_vs_grpo_", max_epochs=1, limit_train_batches=0).fit(module, datamodule=datamodule)
     return {k: v.clone() for k, v in module.policy.state_dict().items()}, held_out(module, datamodule)
 
 
@@ -82,7 +77,7 @@ def run(method: str, seed: int, steps: int, warm: dict) -> dict:
     module.policy.load_state_dict(warm)
     module.warm_started.fill_(1.0)          # on_fit_start then copies the policy into the KL reference
     start = time.perf_counter()
-    quiet_trainer(max_epochs=1, limit_train_batches=steps).fit(module, datamodule=datamodule)
+    quiet_trainer("rose_vs_grpo_", max_epochs=1, limit_train_batches=steps).fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     steps_seen = [r for r in module.history if "reward" in r and "step" in r]
     result = {"method": method, "seed": seed, "seconds": seconds, **held_out(module, datamodule),

@@ -32,10 +32,10 @@ from benchmarks.common import (
     add_common_args,
     compose_config,
     parse,
+    quiet_trainer,
     save_figure,
     silence_lightning,
 )
-from benchmarks.common import quiet_trainer as common_quiet_trainer
 from callbacks.tre import TRE
 from zoo.blocks.entropy import invalid_token_rate
 from zoo.policy_gradient.module import GRPOModule
@@ -79,10 +79,6 @@ def build(cfg) -> tuple[InvalidTokenGRPO, L.LightningDataModule]:
     return module, datamodule
 
 
-def quiet_trainer(callbacks=(), **kwargs) -> L.Trainer:
-    return common_quiet_trainer("tre_countdown_", callbacks, **kwargs)
-
-
 def held_out(module, datamodule) -> dict[str, float]:
     module.eval()
     with torch.no_grad():
@@ -93,7 +89,7 @@ def held_out(module, datamodule) -> dict[str, float]:
 def warm_policy(seed: int, steps: int, batch_size: int) -> dict:
     L.seed_everything(seed, workers=True)
     module, datamodule = build(compose(seed, steps, batch_size))
-    quiet_trainer(max_epochs=1, limit_train_batches=0).fit(module, datamodule=datamodule)
+    quiet_trainer("tre_countdown_", max_epochs=1, limit_train_batches=0).fit(module, datamodule=datamodule)
     return {"weights": {k: v.clone() for k, v in module.policy.state_dict().items()},
             **held_out(module, datamodule)}
 
@@ -105,7 +101,7 @@ def run(arm: str, alpha: float, seed: int, steps: int, batch_size: int, warm: di
     module.warm_started.fill_(1.0)
     callback = TRE(coef=alpha, tail_k=5, **ARMS[arm])
     start = time.perf_counter()
-    quiet_trainer([callback], max_epochs=1, limit_train_batches=steps).fit(module, datamodule=datamodule)
+    quiet_trainer("tre_countdown_", [callback], max_epochs=1, limit_train_batches=steps).fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     records = [r for r in module.history if "reward" in r and "step" in r]
     return {"arm": arm, "alpha": alpha, "seed": seed, "seconds": seconds, **held_out(module, datamodule),
