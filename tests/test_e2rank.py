@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoo
-from datamodules.e2rank import E2RankDataModule, collate_train
+from datamodules.retrieval import RetrievalDataModule, collate_train
 from zoo.blocks.index import DenseIndex
 from zoo.e2rank.module import E2RankModule
 from zoo.hub import CheckpointError, safe_torch_load
@@ -22,7 +22,7 @@ def tiny_module(**overrides) -> E2RankModule:
 
 @pytest.fixture(scope="module")
 def datamodule():
-    dm = E2RankDataModule(synthetic={"super_topics": 2, "topics_per_super": 2, "docs_per_topic": 10,
+    dm = RetrievalDataModule(synthetic={"super_topics": 2, "topics_per_super": 2, "docs_per_topic": 10,
                                      "queries_per_topic": 4}, group_size=4, batch_size=4)
     dm.setup("fit")
     return dm
@@ -40,7 +40,7 @@ def test_positive_from_teacher_picks_teacher_top_as_infonce_target(monkeypatch):
     module = tiny_module(use_ranknet=False).eval()
     seen = {}
 
-    def record(module_, q, d):
+    def record(module_, q, d, *_):
         seen["docs"] = d
         return q.sum() * 0
 

@@ -88,7 +88,8 @@ def test_default_runs_fast_dev_run_with_minilm(tmp_path):
 
 # Experiments of other models must run under fast_dev_run alone; E2Rank's shrink MiniLM to tiny-bert,
 # and the real-LLM RL run generates fewer tokens.
-SMOKE = {"e2rank": [*QUICK, *TINY], "grpo_gsm8k_smollm2": ["trainer.fast_dev_run=1", "model.rollout.max_new_tokens=16"],
+SMOKE = {"e2rank": [*QUICK, *TINY], "dense": [*QUICK, "model.backbone=tiny-bert", "model.max_doc_length=48"],
+         "grpo_gsm8k_smollm2": ["trainer.fast_dev_run=1", "model.rollout.max_new_tokens=16"],
          "jade_hotpotqa_smollm2": ["trainer.fast_dev_run=1", "data.eval_batch_size=1",
                                    "model.role_max_new_tokens={planner:8,sub_planner:8,qds:16,qdp:16,qr:12,ds:12,"
                                    "ag:12,as:12}"],
@@ -235,7 +236,7 @@ def test_zoo_list_json_names_every_paper(shared_data):
     papers_readme = (shared_data.parent / "papers" / "README.md")
     expected = {line.split("|")[1].strip() for line in papers_readme.read_text().splitlines()
                 if line.startswith("| ") and line.split("|")[2].strip().endswith(".md")}
-    generic = {"grpo", "ppo", "causal_lm"}
+    generic = {"grpo", "ppo", "causal_lm", "dense"}
     assert {r["name"] for r in rows} == expected | generic
     assert all({"name", "paper", "arxiv", "kind", "module", "datamodule", "status"} <= set(r) for r in rows)
 

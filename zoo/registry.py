@@ -50,11 +50,13 @@ _PAPERS = [
 _GENERIC = [
     ("grpo", "Generic GRPO (group-relative policy optimisation, from DeepSeekMath)", "2402.03300", "module"),
     ("ppo", "Generic PPO (clipped surrogate, value head, GAE)", "1707.06347", "module"),
+    ("dense", "Generic dense bi-encoder (InfoNCE over in-batch and hard negatives, as in DPR)", "2004.04906", "module"),
     ("causal_lm", "Generic causal-LM pretraining / SFT on token streams (hosts WSM and EntroDrop)", "", "module"),
 ]
 
 _IMPLEMENTED = {
-    "e2rank": ("zoo.e2rank.module.E2RankModule", "datamodules.e2rank.E2RankDataModule", "implemented"),
+    "e2rank": ("zoo.e2rank.module.E2RankModule", "datamodules.retrieval.RetrievalDataModule", "implemented"),
+    "dense": ("zoo.dense.module.DenseRetrieverModule", "datamodules.retrieval.RetrievalDataModule", "implemented"),
     "grpo": ("zoo.policy_gradient.module.GRPOModule", "datamodules.reasoning.ReasoningDataModule", "implemented"),
     "ppo": ("zoo.policy_gradient.module.PPOModule", "datamodules.reasoning.ReasoningDataModule", "implemented"),
     "rose": ("zoo.rose.module.ROSEModule", "datamodules.reasoning.ReasoningDataModule", "implemented"),

@@ -1,9 +1,10 @@
-"""E2Rank training and evaluation data from a generated collection, a BEIR folder or Cranfield.
+"""Retrieval training and evaluation data from a generated collection, a BEIR folder or Cranfield.
 
 Training instances: a query, K documents (the best-judged positive and the highest-ranked
-BM25 negatives) and a teacher ranking of them (judged relevance, then BM25 score), standing
-in for the paper's Qwen3-32B permutations. Evaluation: the held-apart queries, the corpus
-and (optionally) BM25 top-k candidates to rerank.
+BM25 negatives) and a teacher ranking of them (judged relevance, then BM25 score; E2Rank's
+stand-in for the paper's Qwen3-32B permutations). Evaluation: the held-apart queries, the
+corpus and (optionally) BM25 top-k candidates to rerank. Every bi-encoder of the zoo
+(``zoo.dense``) reads it.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def collate_eval(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"qid": [r["qid"] for r in rows], "query": [r["query"] for r in rows]}
 
 
-class E2RankDataModule(L.LightningDataModule):
+class RetrievalDataModule(L.LightningDataModule):
     """``source``: synthetic (generated), beir (a BEIR folder at ``path``) or cranfield.
 
     ``eval_fraction`` of the queries (a seeded split) is held apart from training and used
