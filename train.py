@@ -58,16 +58,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = _last_checkpoint(run_dir)
         print(f"resuming from {ckpt_path}")
     metrics: dict[str, float] = {}
-    if cfg.mode == "fit":
+    mode = cfg.mode
+    if mode == "fit" and type(model).training_step is L.LightningModule.training_step:
+        print(f"{type(model).__name__} is training-free: mode=fit runs its evaluation (mode=test)")
+        mode = "test"
+    if mode == "fit":
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if cfg.test_after_fit and not trainer.fast_dev_run:
             trainer.test(model, datamodule=datamodule)
             metrics = dict(getattr(model, "test_metrics", {}))
-    elif cfg.mode == "test":
+    elif mode == "test":
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = dict(getattr(model, "test_metrics", {}))
     else:
-        raise ValueError(f"unknown mode '{cfg.mode}'; choose fit or test")
+        raise ValueError(f"unknown mode '{mode}'; choose fit or test")
 
     if not trainer.is_global_zero:
         return metrics
@@ -76,7 +80,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if metrics:
         print("final metrics:")
         _print_metrics(metrics)
-    if cfg.mode == "fit" and cfg.save_model and not trainer.fast_dev_run:
+    if mode == "fit" and cfg.save_model and not trainer.fast_dev_run:
         saved = model.save_pretrained(run_dir / "model", metrics=metrics, data=_describe_data(cfg))
         print(f"model saved to {saved}  (load with zoo.load('{saved}'))")
         if cfg.publish_as:

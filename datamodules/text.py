@@ -130,6 +130,16 @@ def text_files(path: str | Path) -> list[Path]:
     return files
 
 
+def attached_tokenizer(datamodule: L.LightningDataModule) -> Any:
+    """The tokenizer of the model the trainer runs, for a datamodule built without ``data.tokenizer``."""
+    module = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"{type(datamodule).__name__} needs a tokenizer: set data.tokenizer to a backbone name, "
+                         "or attach a model with a `tokenizer` attribute")
+    return tokenizer
+
+
 class TextDataModule(L.LightningDataModule):
     """``source: generated`` (``FactCorpus``; ``num_train/num_val/num_test`` blocks, each split its own
     random stream) or ``source: files`` (``path``; the token stream's last ``val_fraction`` and
@@ -154,11 +164,7 @@ class TextDataModule(L.LightningDataModule):
         if self.splits:
             return
         if self.tokenizer is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            self.tokenizer = getattr(module, "tokenizer", None)
-        if self.tokenizer is None:
-            raise ValueError("TextDataModule needs a tokenizer: set data.tokenizer to a backbone name, "
-                             "or attach a model with a `tokenizer` attribute")
+            self.tokenizer = attached_tokenizer(self)
         built = self._generated() if self.hparams.source == "generated" else self._files()
         self.splits = {name: TokenBlocks(tensors) for name, tensors in built.items()}
 

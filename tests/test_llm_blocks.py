@@ -97,3 +97,32 @@ def test_patches_are_per_row_and_only_where_masked(lm):
     torch.testing.assert_close(seen[("z", 0)][0, :, 1], z[0, :, 1])     # head 1 now carries the clean values
     with pytest.raises(ValueError, match="unknown site"):
         hooks.run(ids, mask, capture=[("mlp_in", 0)])
+
+
+def test_a_run_started_at_a_layer_from_its_cached_input_matches_the_full_run(lm):
+    model, tok = lm
+    hooks = ActivationHooks(model)
+    ids, mask = _pair(tok)
+    _, clean = hooks.run(ids[:1], mask[:1], capture=[("q", 1), ("mlp_out", 1)])
+    corrupt_logits, corrupt = hooks.run(ids[1:], mask[1:], capture=[("resid_pre", 1)])
+    assert clean[("q", 1)].shape == (1, ids.shape[1], hooks.heads, hooks.head_dim)
+    where = torch.zeros(1, ids.shape[1], dtype=torch.bool)
+    where[0, -3:] = True
+    patch = [Patch("mlp_out", 1, clean[("mlp_out", 1)], where)]
+    full, _ = hooks.run(ids[1:], mask[1:], patches=patch)
+    started, _ = hooks.run(ids[1:], mask[1:], patches=patch, start_layer=1, start_resid=corrupt[("resid_pre", 1)])
+    torch.testing.assert_close(started, full, atol=1e-5, rtol=0)
+    assert not torch.allclose(full, corrupt_logits)
+    assert len(hooks.layers) == len(model.model.layers)          # the layer list is restored
+    with pytest.raises(ValueError, match="below start_layer"):
+        hooks.run(ids[1:], mask[1:], capture=[("z", 0)], start_layer=1, start_resid=corrupt[("resid_pre", 1)])
+
+
+def test_chat_prompt_spans_cover_exactly_their_segments(lm):
+    from zoo.blocks.llm import chat_prompt_with_spans
+
+    _, tok = lm
+    ids, spans = chat_prompt_with_spans(tok, [(None, "Where was"), ("who", " Entity3"), (None, " born ?")],
+                                        system="Judge")
+    assert tok.decode(ids[slice(*spans["who"])]) == "Entity3"
+    assert ids == tok(chat_prompt(tok, "Where was Entity3 born ?", system="Judge"), add_special_tokens=False)["input_ids"]

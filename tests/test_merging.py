@@ -184,6 +184,14 @@ def test_multislerp_base_mode_antipodal_fallback_and_error():
         multislerp([{"w": unit(0.0)}, {"w": unit(2 * math.pi / 3)}, {"w": unit(4 * math.pi / 3)}])
 
 
+
+def test_multislerp_of_tensors_no_model_changed_returns_them():
+    zeros = [{"bias": torch.zeros(4)} for _ in range(3)]
+    assert torch.equal(multislerp(zeros)["bias"], torch.zeros(4))
+    base = {"w": torch.arange(4.0)}
+    same = [{"w": torch.arange(4.0)} for _ in range(3)]
+    assert torch.equal(multislerp(same, base=base)["w"], base["w"])
+
 # -- WSM: decay shapes and merge coefficients ------------------------------------------------------------
 def test_linear_decay_weights_give_the_plain_mean_of_the_checkpoints():
     for n in range(1, 12):

@@ -101,7 +101,24 @@ SMOKE = {"e2rank": [*QUICK, *TINY], "dense": [*QUICK, "model.backbone=tiny-bert"
          # one step that snapshots, merges, evaluates and saves
          "wsm_causal_lm": ["trainer.fast_dev_run=1", "data.num_train=64", "callbacks.wsm.interval=1",
                            "callbacks.wsm.count=1", "callbacks.wsm.include_warmup=true"],
-         "wsm_wsd_control": ["trainer.fast_dev_run=1", "data.num_train=64"]}
+         "wsm_wsd_control": ["trainer.fast_dev_run=1", "data.num_train=64"],
+         # 0.5-ratio subsets need 32 queries for one training batch
+         "boom": ["trainer.fast_dev_run=1", "data.corpus_limit=40", "data.max_queries=32", "model.backbone=tiny-bert",
+                  "model.max_doc_length=48"],
+         "boom_incremental": [*QUICK, "model.backbone=tiny-bert", "model.max_doc_length=48",
+                              "+data.mixture.0.max_queries=16", "+data.mixture.0.corpus_limit=40"],
+         "llm_ql": [*QUICK], "llm_ql_dense": [*QUICK],
+         "utility_annotation": [*QUICK, "model.backbone=tiny-bert", "model.max_doc_length=48"],
+         # hashed encoders: MiniLM would encode all 5,183 SciFact documents (4 min on 2 cores)
+         "gencrf_scifact": ["trainer.fast_dev_run=1", "data.batch_size=1", "model.max_new_tokens=4",
+                            "model.cluster_max_new_tokens=8", "model.score_max_new_tokens=4",
+                            "model.retriever=hashed", "model.sim_encoder=hashed"],
+         "usefulness_smollm2": ["trainer.fast_dev_run=1", "data.max_queries=1", "data.batch_size=1"],
+         "usefulness_setwise_smollm2": ["trainer.fast_dev_run=1", "data.max_queries=1", "data.batch_size=1",
+                                        "model.voters=1", "model.max_new_tokens=8", "model.repair_max_new_tokens=4"],
+         "usefulness_satisfaction_clue": ["trainer.fast_dev_run=1", "data.synthetic.num_queries=40"],
+         # judges one pair and patches nothing: one patched pair is ~720 SmolLM2 forwards
+         "relevance_interp_dl19_smollm2": ["trainer.fast_dev_run=1", "model.max_patched_pairs=0"]}
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -258,3 +275,8 @@ def test_ckpt_path_last_finds_this_or_the_newest_run(tmp_path):
     assert _last_checkpoint(current) == str(current / "checkpoints" / "last.ckpt")
     with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
         _last_checkpoint(tmp_path / "elsewhere" / "run")
+
+
+def test_fit_on_a_training_free_module_runs_its_evaluation(tmp_path):
+    result = train(tmp_path, "model=tourrank", "trainer.fast_dev_run=1", "logger=none")
+    assert "training-free" in result.stdout and "test/" in result.stdout

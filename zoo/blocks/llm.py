@@ -4,13 +4,15 @@
   document identifiers, grades), batched, with single-token labels read from one forward pass and
   multi-token labels teacher-forced; an optional ``ScoreCache`` skips prompts already scored.
 - ``chat_prompt``: a user turn (plus system prompt) through the tokenizer's chat template, or plain
-  text for tokenizers without one.
+  text for tokenizers without one; ``chat_prompt_with_spans`` also returns the token span of each
+  named segment of the user turn (from the tokenizer's offset mapping).
 - ``ActivationHooks``: capture and patch activations of a Llama-style decoder (``model.model.layers``)
   with plain PyTorch hooks, by site, layer, position and head. Patches carry a boolean mask per batch
   row, so one batched forward can run many different patches (one per row).
 
 Sites: ``resid_pre`` (a layer's input), ``resid_post`` (its output), ``attn_out`` (self-attention
-output), ``mlp_out``, and ``z`` (per-head attention values before the output projection, [B, T, H, d_head]).
+output), ``mlp_out``, ``z`` (per-head attention values before the output projection, [B, T, H, d_head])
+and ``q`` (per-head queries before the rotary embedding, [B, T, H, d_head]).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from torch import Tensor
 
 from zoo.blocks.rl.rollout import left_pad, position_ids
 
-SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z")
+SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "z", "q")
+HEAD_SITES = ("z", "q")
 
 
 # -- prompts ---------------------------------------------------------------------------------
@@ -36,6 +39,43 @@ def chat_prompt(tokenizer: Any, user: str, system: str | None = None, assistant_
     else:
         text = f"{system}\n{user}\n" if system else f"{user}\n"
     return text + assistant_prefix
+
+
+def chat_prompt_with_spans(tokenizer: Any, segments: Sequence[tuple[str | None, str]], system: str | None = None
+                           ) -> tuple[list[int], dict[str, tuple[int, int]]]:
+    """Token ids of ``chat_prompt`` over the concatenated segments, and the token span [start, end)
+    of every named segment. A token belongs to a span when its characters overlap it; segments that
+    would share a token (a merge across their border) raise, since their positions cannot be told apart."""
+    user = "".join(text for _, text in segments)
+    text = chat_prompt(tokenizer, user, system=system)
+    offset = text.rindex(user)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    char_spans, cursor = {}, offset
+    for name, part in segments:
+        if name is not None:
+            if name in char_spans:
+                raise ValueError(f"segment name '{name}' used twice")
+            char_spans[name] = (cursor, cursor + len(part))
+        cursor += len(part)
+    spans = token_spans(encoded["offset_mapping"], char_spans)
+    return list(encoded["input_ids"]), spans
+
+
+def token_spans(offsets: Sequence[tuple[int, int]], char_spans: dict[str, tuple[int, int]]
+                ) -> dict[str, tuple[int, int]]:
+    """Token span [start, end) covering each character span [a, b), from a tokenizer's offset mapping."""
+    spans: dict[str, tuple[int, int]] = {}
+    owner: dict[int, str] = {}
+    for name, (a, b) in char_spans.items():
+        hits = [t for t, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
+        if not hits:
+            raise ValueError(f"segment '{name}' (characters {a}-{b}) covers no token")
+        for t in hits:
+            if t in owner:
+                raise ValueError(f"segments '{owner[t]}' and '{name}' share token {t}; separate them")
+            owner[t] = name
+        spans[name] = (hits[0], hits[-1] + 1)
+    return spans
 
 
 # -- label scoring ---------------------------------------------------------------------------
@@ -108,8 +148,8 @@ def _teacher_forced(model: torch.nn.Module, prompts: list[list[int]], label_ids:
 class Patch:
     """Replace ``site`` of ``layer`` by ``value`` wherever ``mask`` is true.
 
-    ``value`` has the site's shape ([B, T, D], or [B, T, H, d_head] for ``z``); ``mask`` is [B, T]
-    (every head of a position) or, for ``z``, [B, T, H].
+    ``value`` has the site's shape ([B, T, D], or [B, T, H, d_head] for ``z`` and ``q``); ``mask`` is
+    [B, T] (every head of a position) or, for ``z`` and ``q``, [B, T, H].
     """
 
     site: str
@@ -139,10 +179,11 @@ class ActivationHooks:
             raise IndexError(f"layer {layer} out of range (the model has {len(self.layers)})")
         block = self.layers[layer]
         return {"resid_pre": (block, True), "resid_post": (block, False), "attn_out": (block.self_attn, False),
-                "mlp_out": (block.mlp, False), "z": (block.self_attn.o_proj, True)}[site]
+                "mlp_out": (block.mlp, False), "z": (block.self_attn.o_proj, True),
+                "q": (block.self_attn.q_proj, False)}[site]
 
     def _to_site(self, site: str, tensor: Tensor) -> Tensor:
-        return tensor.view(*tensor.shape[:2], self.heads, self.head_dim) if site == "z" else tensor
+        return tensor.view(*tensor.shape[:2], self.heads, self.head_dim) if site in HEAD_SITES else tensor
 
     @contextmanager
     def _hooked(self, sites: Sequence[tuple[str, int]], capture: dict | None,
@@ -187,13 +228,37 @@ class ActivationHooks:
 
     @torch.no_grad()
     def run(self, input_ids: Tensor, attention_mask: Tensor, *, capture: Sequence[tuple[str, int]] = (),
-            patches: Sequence[Patch] = ()) -> tuple[Tensor, dict[tuple[str, int], Tensor]]:
+            patches: Sequence[Patch] = (), start_layer: int = 0, start_resid: Tensor | None = None
+            ) -> tuple[Tensor, dict[tuple[str, int], Tensor]]:
         """Logits [B, T, V] of one forward with ``patches`` applied, and the ``capture``d sites
-        (after patching) keyed by (site, layer)."""
+        (after patching) keyed by (site, layer).
+
+        ``start_layer`` > 0 skips the layers below it: ``start_resid`` (that layer's ``resid_pre``,
+        [B, T, D], e.g. captured from an unpatched run) enters layer ``start_layer`` directly. Patches
+        at or above that layer then cost only the layers they can change. This needs a decoder whose
+        forward feeds ``inputs_embeds`` unchanged to its layers (Llama, Qwen2, Mistral).
+        """
         cached: dict[tuple[str, int], Tensor] = {}
-        with self._hooked(list(capture), cached, list(patches)):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids(attention_mask)).logits
+        position = position_ids(attention_mask)
+        if start_layer == 0:
+            with self._hooked(list(capture), cached, list(patches)):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position).logits
+            return logits.float(), cached
+        if start_resid is None:
+            raise ValueError("start_layer > 0 needs start_resid, the resid_pre of that layer")
+        below = [f"{site}@{layer}" for site, layer in [*capture, *((p.site, p.layer) for p in patches)]
+                 if layer < start_layer]
+        if below:
+            raise ValueError(f"sites {below} lie below start_layer={start_layer} and would never run")
+        base = getattr(self.model, "model", self.model)
+        full = base.layers
+        base.layers = torch.nn.ModuleList(self.layers[start_layer:])
+        try:
+            with self._hooked(list(capture), cached, list(patches)):
+                logits = self.model(inputs_embeds=start_resid, attention_mask=attention_mask,
+                                    position_ids=position).logits
+        finally:
+            base.layers = full
         return logits.float(), cached
 
     def all_sites(self, site: str) -> list[tuple[str, int]]:

@@ -141,7 +141,8 @@ def multislerp_tensors(tensors: Sequence[Tensor], weights: Sequence[float], base
     mean = (units * w[:, None]).sum(0)
     mean_norm = mean.norm()
     if mean_norm < eps:
-        if len(tensors) != 2:
+        # Every input equal to the base (e.g. a tensor no sub-model trained) merges to itself.
+        if len(tensors) != 2 and not bool((norms < eps).all()):
             raise MergeError("multislerp: the weighted mean of the unit directions is zero (antipodal inputs with "
                              "balancing weights); change the weights")
         result = (flat * w[:, None]).sum(0)

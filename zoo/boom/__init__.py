@@ -1,0 +1,1 @@
+"""BOOM: Bagging-based rObust mOdel Merging for general text embeddings (arXiv 2602.05787)."""
