@@ -33,16 +33,6 @@ class E2RankModule(DenseRetrieverModule):
 
     def __init__(
         self,
-        backbone: str = "minilm",
-        backbone_overrides: dict | None = None,
-        pooling: str = "mean",
-        normalize: bool = True,
-        append_eos: bool = False,
-        padding_side: str | None = None,
-        query_template: str = "{query}",
-        doc_template: str = "{doc}",
-        max_query_length: int = 64,
-        max_doc_length: int = 256,
         max_prompt_length: int = 512,
         listwise: dict | None = None,
         train_prompt_docs: int | None = None,
@@ -54,23 +44,9 @@ class E2RankModule(DenseRetrieverModule):
         use_ranknet: bool = True,
         use_listwise_prompt: bool = True,
         positive_from_teacher: bool = True,
-        gather_across_devices: bool = False,
-        dropout: bool = True,
-        rerank_depth: int = 100,
-        encode_batch_size: int = 64,
-        metrics: Sequence[str] | None = None,
-        gradient_checkpointing: bool = False,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(backbone=backbone, backbone_overrides=backbone_overrides, pooling=pooling,
-                         normalize=normalize, append_eos=append_eos, padding_side=padding_side,
-                         query_template=query_template, doc_template=doc_template,
-                         max_query_length=max_query_length,
-                         max_doc_length=max_doc_length, temperature=temperature,
-                         gather_across_devices=gather_across_devices, dropout=dropout, rerank_depth=rerank_depth,
-                         encode_batch_size=encode_batch_size, metrics=metrics,
-                         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, scheduler=scheduler)
+        super().__init__(temperature=temperature, **base)
         self.prompt = ListwisePrompt(**(listwise or {}))
         self.ranknet = RankNetLoss(ranknet_scale, ranknet_reduction)
 
