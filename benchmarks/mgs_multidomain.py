@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    ROOT,
     add_common_args,
     compose_config,
     parse,
@@ -39,7 +40,6 @@ from benchmarks.common import (
 )
 from callbacks.mgs import MGS
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"mixed": {"project": False}, "MGS": {"partition": "param"}, "PCGrad": {"partition": "global"}}
 PAIR = "arithmetic|countdown"
 

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    ROOT,
     add_common_args,
     compose_config,
     parse,
@@ -40,7 +41,6 @@ from callbacks.tre import TRE
 from zoo.blocks.entropy import invalid_token_rate
 from zoo.policy_gradient.module import GRPOModule
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = {"none": {"mode": "none"}, "global": {"mode": "global"}, "TRE-K(2)": {"mode": "tre_k", "k": 2},
         "TRE-P(0.9)": {"mode": "tre_p", "p": 0.9}}
 

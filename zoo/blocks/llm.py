@@ -31,14 +31,18 @@ HEAD_SITES = ("z", "q")
 
 
 # -- prompts ---------------------------------------------------------------------------------
+def chat_messages(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """The text a chat model sees before it answers a conversation (``role``/``content`` dicts);
+    tokenizers without a chat template get the contents one per line."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages) + "\n"
+
+
 def chat_prompt(tokenizer: Any, user: str, system: str | None = None, assistant_prefix: str = "") -> str:
     """The text a chat model sees before it answers (``assistant_prefix`` starts the answer)."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = f"{system}\n{user}\n" if system else f"{user}\n"
-    return text + assistant_prefix
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return chat_messages(tokenizer, messages) + assistant_prefix
 
 
 def chat_prompt_with_spans(tokenizer: Any, segments: Sequence[tuple[str | None, str]], system: str | None = None

@@ -24,7 +24,7 @@ import torch
 
 from zoo.backbones import build_backbone
 from zoo.base import ZooModule
-from zoo.blocks.llm import ScoreCache, chat_prompt, label_logprobs
+from zoo.blocks.llm import ScoreCache, chat_messages, chat_prompt, label_logprobs
 from zoo.blocks.metrics import per_query
 
 METHODS = ("tourrank", "pointwise", "sliding_window", "bm25")
@@ -197,9 +197,7 @@ class TourRankModule(ZooModule):
                                                     "following format strictly, and nothing else. Don't output "
                                                     "any explanation, just the following format:\n"
                                                     "Document 3, ..., Document 1"})
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n".join(msg["content"] for msg in messages) + "\n"
+        return chat_messages(self.tokenizer, messages)
 
     # -- scoring hooks ---------------------------------------------------------------------------
     def pointwise_scores(self, query: str, docs: Sequence[str]) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from zoo.backbones import build_backbone
 from zoo.base import ZooModule
-from zoo.blocks.llm import ScoreCache, chat_prompt, label_logprobs
+from zoo.blocks.llm import ScoreCache, chat_messages, chat_prompt, label_logprobs
 from zoo.usefulness_labels.cascade import (
     StageAnswer,
     StageRequest,
@@ -195,9 +195,7 @@ class CLUEModule(ZooModule):
         return messages
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "\n".join(m["content"] for m in messages) + "\n"
+        return chat_messages(self.tokenizer, messages)
 
     def pointwise_prompt(self, row: dict[str, Any], level: int, d: int, anchors: Sequence[int]) -> str:
         question = (POINTWISE_TOP if level == self.levels[-1]

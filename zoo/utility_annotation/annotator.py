@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from zoo.blocks.llm import chat_messages
+
 STEPS = ("relevance", "pseudo_answer", "utility_selection", "utility_ranking")
 PASSAGE_WORDS = 300
 
@@ -150,13 +152,6 @@ class Backend(Protocol):
     def generate(self, requests: Sequence[Request]) -> list[str]: ...
 
 
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """The text a chat model sees before answering (plain ``role: content`` lines without a template)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-
-
 class CausalLMBackend:
     """Any causal LM of the zoo's backbones (``smollm2-135m``, a tiny preset, a local folder), sampled
     with the repo's decoding (temperature 0.6, top-p 0.95, top-k 20) or greedily."""
@@ -182,7 +177,7 @@ class CausalLMBackend:
         texts: list[str] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
-            prompts = [render_chat(self.tokenizer, r.messages) for r in chunk]
+            prompts = [chat_messages(self.tokenizer, r.messages) for r in chunk]
             budgets = [self.answer_tokens if r.step == "pseudo_answer" else self.engine.max_new_tokens for r in chunk]
             texts += list(self.engine.generate(prompts, max_new_tokens=budgets, generator=self.generator).texts)
         return texts
